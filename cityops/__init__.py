@@ -1,0 +1,1 @@
+"""Shared core of cityops: settings, the command line, migrations, embedded services."""

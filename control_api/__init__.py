@@ -1,0 +1,1 @@
+"""cityops control_api package."""

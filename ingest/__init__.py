@@ -1,0 +1,1 @@
+"""Lossless MQTT → TimescaleDB ingest."""

@@ -1,0 +1,1 @@
+"""cityops rules package."""

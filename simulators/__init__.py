@@ -1,0 +1,1 @@
+"""cityops simulators package."""
