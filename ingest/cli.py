@@ -1,0 +1,88 @@
+"""``cityops ingest``: the ingest service alone, for scaled-out deployments."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+
+from cityops.runtime import service_urls
+from cityops.settings import MqttEndpoint, Settings
+from ingest.decode import DecodeLimits
+from ingest.mqtt import MqttOptions
+from ingest.pipeline import PipelineOptions
+from ingest.service import IngestConfig, run_ingest
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``cityops ingest``."""
+    p = subparsers.add_parser(
+        "ingest",
+        help="subscribe to city/# and store every reading in TimescaleDB",
+        description=(
+            "Lossless MQTT → TimescaleDB ingest. Messages are acknowledged to the broker "
+            "only after the batch holding them is committed."
+        ),
+    )
+    p.add_argument(
+        "--shared-group",
+        metavar="NAME",
+        help="subscribe through the MQTT 5 shared subscription $share/NAME/city/#",
+    )
+    p.add_argument(
+        "--client-id",
+        help="MQTT client id; stable across restarts so the broker keeps the session "
+        "(default: cityops-ingest[-GROUP]-HOSTNAME)",
+    )
+    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--batch-messages", type=int, default=PipelineOptions.batch_max_messages)
+    p.add_argument("--batch-delay-ms", type=float, default=PipelineOptions.batch_max_delay_s * 1e3)
+    p.add_argument(
+        "--max-buffered", type=int, default=PipelineOptions.max_buffered_messages,
+        help="pause reading above this many uncommitted messages",
+    )
+    p.add_argument("--max-payload-bytes", type=int, default=DecodeLimits.max_payload_bytes)
+    p.add_argument(
+        "--max-past-s", type=float, default=DecodeLimits.max_past_s,
+        help="dead-letter readings older than this before their receive time",
+    )
+    p.add_argument(
+        "--max-future-s", type=float, default=DecodeLimits.max_future_s,
+        help="dead-letter readings newer than this after their receive time",
+    )
+    p.set_defaults(handler=_run)
+
+
+def default_client_id(group: str | None) -> str:
+    """A client id stable across restarts on one host."""
+    host = socket.gethostname().split(".")[0].lower()
+    return f"cityops-ingest-{group}-{host}" if group else f"cityops-ingest-{host}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    mqtt_url, database_url = service_urls(settings)
+    client_id = args.client_id or default_client_id(args.shared_group)
+    config = IngestConfig(
+        mqtt=MqttEndpoint.parse(mqtt_url),
+        database_url=database_url,
+        client_id=client_id,
+        shared_group=args.shared_group,
+        metrics_port=None if args.no_metrics else args.metrics_port,
+        metrics_host=args.metrics_host,
+        pipeline=PipelineOptions(
+            batch_max_messages=args.batch_messages,
+            batch_max_delay_s=args.batch_delay_ms / 1e3,
+            max_buffered_messages=args.max_buffered,
+        ),
+        limits=DecodeLimits(
+            max_payload_bytes=args.max_payload_bytes,
+            max_past_s=args.max_past_s,
+            max_future_s=args.max_future_s,
+        ),
+        mqtt_options=MqttOptions(client_id=client_id),
+    )
+    asyncio.run(run_ingest(config))
+    return 0

@@ -1,0 +1,279 @@
+"""The ingest engine: decode → batch → commit → acknowledge → sinks.
+
+Overflow policy (every queue is bounded): messages are decoded as they arrive
+into the open batch; a full batch is sealed and queued for the writer. When
+the messages held in memory (sealed plus open) reach ``max_buffered_messages``
+the pipeline pauses reading the socket: the broker keeps the rest in the
+session queue. Reading resumes below half that mark. Nothing is acknowledged
+before its batch is committed (or dead-lettered in that same commit), so a
+crash at any instant loses nothing; the broker redelivers and the idempotent
+store keeps one copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from cityops.backoff import Backoff
+from ingest.batch import Batch, BatchSink, CommittedBatch
+from ingest.decode import DecodeLimits, decode_message
+from ingest.errors import DecodeError, StorageUnavailable
+from ingest.metrics import IngestMetrics
+from ingest.model import DeadLetter, Presence
+from ingest.mqtt import InboundMessage
+from ingest.store import ReadingStore
+
+log = logging.getLogger(__name__)
+
+
+class AckingSource(Protocol):
+    """What the pipeline needs of the MQTT client."""
+
+    def ack(self, generation: int, mid: int) -> bool:
+        """Acknowledge one message of a connection generation."""
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket."""
+
+    def resume_reading(self) -> None:
+        """Read again."""
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineOptions:
+    """Batching and buffering bounds."""
+
+    batch_max_messages: int = 2_000
+    batch_max_readings: int = 20_000
+    batch_max_delay_s: float = 0.05
+    """How long the first message of a batch may wait for others."""
+    max_buffered_messages: int = 8_000
+    """Pause reading at this many uncommitted messages (keep below the MQTT window)."""
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 5.0
+
+
+def _reason_kind(reason: str) -> str:
+    """A low-cardinality label for the dead-letter metric."""
+    head = reason.split(":", 1)[0].split(" ", 1)[0]
+    return head[:32] or "other"
+
+
+class IngestPipeline:
+    """Turns MQTT messages into committed, acknowledged batches."""
+
+    def __init__(
+        self,
+        *,
+        store: ReadingStore,
+        options: PipelineOptions | None = None,
+        limits: DecodeLimits | None = None,
+        metrics: IngestMetrics | None = None,
+        sinks: Sequence[BatchSink] = (),
+    ) -> None:
+        self._store = store
+        self._options = options or PipelineOptions()
+        self._limits = limits or DecodeLimits()
+        self.metrics = metrics or IngestMetrics()
+        self._sinks = list(sinks)
+        self._source: AckingSource | None = None
+        self._open = Batch()
+        self._sealed: collections.deque[Batch] = collections.deque()
+        self._buffered = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def attach(self, source: AckingSource) -> None:
+        """Set the client whose messages this pipeline acknowledges."""
+        self._source = source
+
+    def add_sink(self, sink: BatchSink) -> None:
+        """Add a consumer of committed batches."""
+        self._sinks.append(sink)
+
+    @property
+    def buffered(self) -> int:
+        """Messages received and not yet committed."""
+        return self._buffered
+
+    # -- hot path: one call per MQTT message, on the event loop -------------
+
+    def on_message(self, msg: InboundMessage) -> None:
+        """Decode one message into the open batch (never raises on bad input)."""
+        batch = self._open
+        if batch.messages == 0:
+            batch.opened_at = time.monotonic()
+            batch.first_received_at = msg.received_at
+            self._idle.clear()
+            self._wake.set()
+        try:
+            decoded = decode_message(
+                msg.topic,
+                msg.payload,
+                received_at=msg.received_at,
+                content_type=msg.content_type,
+                limits=self._limits,
+            )
+        except DecodeError as exc:
+            batch.dead_letters.append(
+                DeadLetter(msg.topic, msg.payload, str(exc), msg.received_at)
+            )
+        else:
+            if isinstance(decoded, Presence):
+                batch.presences.append(decoded)
+            elif decoded:
+                home = self._store.home_of(decoded[0].device.device_id)
+                device = decoded[0].device
+                if home is not None and home != (device.domain, device.district):
+                    reason = (
+                        f"device {device.device_id!r} is registered in {home[0]}/{home[1]},"
+                        f" not {device.domain}/{device.district}"
+                    )
+                    batch.dead_letters.append(
+                        DeadLetter(msg.topic, msg.payload, reason, msg.received_at)
+                    )
+                else:
+                    batch.readings.extend(decoded)
+                    batch.reading_received_at.extend([msg.received_at] * len(decoded))
+        if msg.qos > 0:
+            batch.acks.append((msg.generation, msg.mid))
+        batch.messages += 1
+        self._buffered += 1
+        opts = self._options
+        if batch.messages >= opts.batch_max_messages or len(batch.readings) >= (
+            opts.batch_max_readings
+        ):
+            self._seal()
+        if self._buffered >= opts.max_buffered_messages and self._source is not None:
+            self._source.pause_reading()
+            self.metrics.paused.set(1)
+
+    def _seal(self) -> None:
+        if self._open.messages:
+            self._sealed.append(self._open)
+            self._open = Batch()
+            self._wake.set()
+
+    # -- writer ---------------------------------------------------------------
+
+    async def _next_batch(self) -> Batch | None:
+        """The next batch to commit, or None when stopping with nothing left."""
+        delay = self._options.batch_max_delay_s
+        while True:
+            if self._sealed:
+                return self._sealed.popleft()
+            if self._open.messages:
+                if self._stopping:
+                    self._seal()
+                    continue
+                remaining = self._open.opened_at + delay - time.monotonic()
+                if remaining <= 0:
+                    self._seal()
+                    continue
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await self._wake.wait()
+                continue
+            if self._stopping:
+                return None
+            self._idle.set()
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def run(self) -> None:
+        """Commit batches until ``stop()``; then flush what is buffered and return."""
+        backoff = Backoff(self._options.retry_initial_s, self._options.retry_max_s)
+        while True:
+            self._update_lag()
+            batch = await self._next_batch()
+            if batch is None:
+                self._idle.set()
+                return
+            await self._commit_with_retry(batch, backoff)
+
+    async def _commit_with_retry(self, batch: Batch, backoff: Backoff) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                result = await self._store.write(batch)
+            except StorageUnavailable as exc:
+                self.metrics.storage_errors.inc()
+                delay = backoff.next_delay()
+                log.warning(
+                    "holding %d messages: %s; retry %d in %.2f s",
+                    self._buffered,
+                    exc,
+                    backoff.attempts,
+                    delay,
+                )
+                self._update_lag()
+                await asyncio.sleep(delay)
+                continue
+            break
+        if backoff.attempts:
+            log.info("database back after %d failed attempts", backoff.attempts)
+        backoff.reset()
+        m = self.metrics
+        m.batch_seconds.observe(time.monotonic() - started)
+        m.batch_size.observe(batch.messages)
+        m.received.inc(batch.messages)
+        m.stored.inc(result.stored)
+        m.duplicates.inc(result.duplicates)
+        m.presence.inc(result.presence_applied)
+        for letter in (*batch.dead_letters, *result.rejected):
+            m.dead_lettered.labels(_reason_kind(letter.reason)).inc()
+        source = self._source
+        if source is not None:
+            ack = source.ack
+            for generation, mid in batch.acks:
+                ack(generation, mid)
+        self._buffered -= batch.messages
+        if (
+            source is not None
+            and self._buffered < self._options.max_buffered_messages // 2
+            and not self._stopping
+        ):
+            source.resume_reading()
+            m.paused.set(0)
+        committed = CommittedBatch(
+            readings=tuple(batch.readings),
+            presences=tuple(batch.presences),
+            dead_letters=(*batch.dead_letters, *result.rejected),
+            committed_at=time.time(),
+        )
+        for sink in self._sinks:
+            try:
+                sink.on_batch(committed)
+            except Exception:
+                log.exception("sink %r failed on a batch; ingest goes on", sink)
+
+    def _update_lag(self) -> None:
+        oldest: float | None = None
+        for b in (*self._sealed, self._open):
+            if b.messages and b.first_received_at is not None:
+                oldest = b.first_received_at if oldest is None else min(oldest, b.first_received_at)
+        self.metrics.queue_depth.set(self._buffered)
+        self.metrics.ack_lag_seconds.set(0.0 if oldest is None else time.time() - oldest)
+
+    def stop(self) -> None:
+        """Stop taking messages; ``run`` returns after flushing what it holds."""
+        self._stopping = True
+        if self._source is not None:
+            self._source.pause_reading()
+        self._wake.set()
+
+    async def wait_idle(self, timeout_s: float) -> None:
+        """Wait until everything received so far is committed (tests, shutdown)."""
+        async with asyncio.timeout(timeout_s):
+            while self._buffered:
+                await asyncio.sleep(0.01)

@@ -1,0 +1,147 @@
+"""The ingest service: broker client, pipeline and metrics, composed.
+
+Start-up order: database reachable → pipeline writer running → broker
+connected and subscribed. Shutdown in reverse: stop reading, flush and commit
+what is held, acknowledge it, disconnect (the session stays on the broker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from prometheus_client import start_http_server
+
+from cityops.settings import MqttEndpoint
+from ingest.batch import BatchSink
+from ingest.decode import DecodeLimits
+from ingest.metrics import IngestMetrics
+from ingest.mqtt import ManualAckClient, MqttOptions
+from ingest.pipeline import IngestPipeline, PipelineOptions
+from ingest.store import ReadingStore, StoreOptions
+
+log = logging.getLogger(__name__)
+
+READINGS_FILTER = "city/#"
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """Everything the ingest service needs, typed."""
+
+    mqtt: MqttEndpoint
+    database_url: str
+    client_id: str = "cityops-ingest"
+    shared_group: str | None = None
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+    pipeline: PipelineOptions = field(default_factory=PipelineOptions)
+    limits: DecodeLimits = field(default_factory=DecodeLimits)
+    mqtt_options: MqttOptions | None = None
+    store: StoreOptions = field(default_factory=StoreOptions)
+    shutdown_timeout_s: float = 30.0
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """Topic filters, through an MQTT 5 shared subscription when scaled out."""
+        if self.shared_group:
+            return [f"$share/{self.shared_group}/{READINGS_FILTER}"]
+        return [READINGS_FILTER]
+
+
+class IngestService:
+    """A running ingester; use ``async with IngestService(config) as svc``."""
+
+    def __init__(self, config: IngestConfig, *, sinks: tuple[BatchSink, ...] = ()) -> None:
+        self.config = config
+        self.metrics = IngestMetrics()
+        self.store = ReadingStore(config.database_url, config.store)
+        self.pipeline = IngestPipeline(
+            store=self.store,
+            options=config.pipeline,
+            limits=config.limits,
+            metrics=self.metrics,
+            sinks=sinks,
+        )
+        self.client: ManualAckClient | None = None
+        self._writer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> IngestService:
+        cfg = self.config
+        if cfg.metrics_port is not None:
+            start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port)
+        self._writer = asyncio.create_task(self.pipeline.run(), name="ingest-writer")
+        options = cfg.mqtt_options or MqttOptions(client_id=cfg.client_id)
+        self.client = ManualAckClient(
+            cfg.mqtt,
+            options,
+            subscriptions=cfg.subscriptions,
+            on_message=self.pipeline.on_message,
+            on_connection_change=lambda up: self.metrics.connected.set(1 if up else 0),
+        )
+        self.pipeline.attach(self.client)
+        await self.client.__aenter__()
+        log.info("ingesting %s from %s", ", ".join(cfg.subscriptions), cfg.mqtt.url)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Flush, commit, acknowledge, disconnect."""
+        self.pipeline.stop()
+        if self._writer is not None:
+            try:
+                async with asyncio.timeout(self.config.shutdown_timeout_s):
+                    await self._writer
+            except TimeoutError:
+                log.error(
+                    "could not flush within %.0f s; unacknowledged messages will be redelivered",
+                    self.config.shutdown_timeout_s,
+                )
+                self._writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._writer
+            self._writer = None
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+        await self.store.close()
+
+    async def wait_connected(self, timeout_s: float = 10.0) -> None:
+        """Wait until the broker connection is up."""
+        assert self.client is not None  # noqa: S101 (programming error, not input)
+        await self.client.wait_connected(timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def stop_on_signals() -> AsyncIterator[asyncio.Event]:
+    """An event set by SIGTERM/SIGINT; a second signal exits at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def handle(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal %d: exiting now", signum)
+            raise SystemExit(128 + signum)
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handle, sig)
+    try:
+        yield stop
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+async def run_ingest(config: IngestConfig) -> None:
+    """Run the ingester until SIGTERM or SIGINT."""
+    async with stop_on_signals() as stop, IngestService(config):
+        await stop.wait()
