@@ -8,9 +8,11 @@ import socket
 
 from cityops.runtime import service_urls
 from cityops.settings import MqttEndpoint, Settings
-from ingest.decode import DecodeLimits
+from ingest.decode import DEFAULT_LIMITS, DecodeLimits
 from ingest.mqtt import MqttOptions
 from ingest.pipeline import PipelineOptions
+
+_PIPELINE = PipelineOptions()
 from ingest.service import IngestConfig, run_ingest
 
 
@@ -37,19 +39,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus /metrics port")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
-    p.add_argument("--batch-messages", type=int, default=PipelineOptions.batch_max_messages)
-    p.add_argument("--batch-delay-ms", type=float, default=PipelineOptions.batch_max_delay_s * 1e3)
+    p.add_argument("--batch-messages", type=int, default=_PIPELINE.batch_max_messages)
+    p.add_argument("--batch-delay-ms", type=float, default=_PIPELINE.batch_max_delay_s * 1e3)
     p.add_argument(
-        "--max-buffered", type=int, default=PipelineOptions.max_buffered_messages,
+        "--max-buffered", type=int, default=_PIPELINE.max_buffered_messages,
         help="pause reading above this many uncommitted messages",
     )
-    p.add_argument("--max-payload-bytes", type=int, default=DecodeLimits.max_payload_bytes)
+    p.add_argument("--max-payload-bytes", type=int, default=DEFAULT_LIMITS.max_payload_bytes)
     p.add_argument(
-        "--max-past-s", type=float, default=DecodeLimits.max_past_s,
+        "--max-past-s", type=float, default=DEFAULT_LIMITS.max_past_s,
         help="dead-letter readings older than this before their receive time",
     )
     p.add_argument(
-        "--max-future-s", type=float, default=DecodeLimits.max_future_s,
+        "--max-future-s", type=float, default=DEFAULT_LIMITS.max_future_s,
         help="dead-letter readings newer than this after their receive time",
     )
     p.set_defaults(handler=_run)

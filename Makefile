@@ -1,0 +1,28 @@
+# The two commands of the README. Both install what is missing first
+# (scripts/install.sh is idempotent and cheap when everything is there).
+
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: up test install lint typecheck unit bench
+
+install:
+	scripts/install.sh
+
+up: install
+	$(BIN)/cityops up
+
+test: install lint typecheck
+	$(BIN)/pytest -q
+
+lint:
+	$(BIN)/ruff check .
+
+typecheck:
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python -m bench.ingest
