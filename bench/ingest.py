@@ -43,7 +43,7 @@ from cityops.settings import MqttEndpoint
 from ingest.batch import CommittedBatch
 from ingest.mqtt import MqttOptions
 from ingest.service import IngestConfig, IngestService
-from tests.mqtt_helpers import Publisher, drop_session
+from tests.mqtt_helpers import Publisher, create_session, drop_session
 
 SENML_RECORDS = 20
 
@@ -137,22 +137,8 @@ def _start_ingester(
 
 
 def _create_session(mqtt_url: str, client_id: str) -> None:
-    """Connect once as the ingester would, so the broker queues for it while away."""
-    import paho.mqtt.client as paho  # noqa: PLC0415
-    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
-    from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
-    from paho.mqtt.properties import Properties  # noqa: PLC0415
-
-    ep = MqttEndpoint.parse(mqtt_url)
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 3600
-    c.connect(ep.host, ep.port, clean_start=True, properties=props)
-    c.loop_start()
-    c.subscribe("city/#", qos=1)
-    time.sleep(0.5)
-    c.disconnect()
-    c.loop_stop()
+    """Subscribe once as the ingester would, so the broker queues for it while away."""
+    create_session(mqtt_url, client_id)
 
 
 def _count(database_url: str, prefix: str) -> int:

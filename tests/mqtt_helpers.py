@@ -106,3 +106,25 @@ def drop_session(url: str, client_id: str) -> None:
     client.connect(ep.host, ep.port, clean_start=True, properties=props)
     client.loop(timeout=1.0)
     client.disconnect()
+
+
+def create_session(url: str, client_id: str, topic_filter: str = "city/#") -> None:
+    """Subscribe as ``client_id`` and leave, so the broker queues for it from now on.
+
+    The session is created with ``clean_start=False``: Mosquitto 2.0.11 keeps a
+    session across its own restart only then.
+    """
+    ep = MqttEndpoint.parse(url)
+    done = threading.Event()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.on_subscribe = lambda *args: done.set()
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    client.connect(ep.host, ep.port, clean_start=False, properties=props)
+    client.loop_start()
+    client.subscribe(topic_filter, qos=1)
+    if not done.wait(10):
+        msg = f"no SUBACK for {client_id}"
+        raise TimeoutError(msg)
+    client.disconnect()
+    client.loop_stop()

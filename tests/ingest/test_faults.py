@@ -10,16 +10,18 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import psycopg
 import pytest
 
-from tests.mqtt_helpers import Publisher, drop_session
+from tests.mqtt_helpers import Publisher, create_session, drop_session
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +68,12 @@ class IngesterProcess:
         }
         self.client_id = client_id
         self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="ingest-", suffix=".log")  # noqa: SIM115
 
     def start(self) -> None:
+        if self.proc is None:
+            # Subscribed before the first publish, as a deployed ingester is.
+            create_session(self.env["CITYOPS_MQTT_URL"], self.client_id)
         self.proc = subprocess.Popen(  # noqa: S603
             [
                 sys.executable, "-m", "cityops.cli", "--log-format", "json",
@@ -75,7 +81,7 @@ class IngesterProcess:
             ],
             env=self.env,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=self.log,
         )
 
     def kill(self) -> None:
@@ -83,8 +89,16 @@ class IngesterProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Until the ingester logged that it is subscribed (signal handlers are set)."""
+        deadline = time.monotonic() + timeout_s
+        while b'"ingesting ' not in Path(self.log.name).read_bytes():
+            assert time.monotonic() < deadline, "ingester did not become ready"
+            time.sleep(0.05)
+
     def terminate(self) -> int:
         assert self.proc is not None
+        self.wait_ready()
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(60)
 
@@ -118,6 +132,7 @@ def test_kill_9_repeatedly_mid_stream_loses_and_duplicates_nothing(
             time.sleep(0.7 + 0.3 * (kills % 3))  # kill at varying instants
             ingester.kill()
             kills += 1
+            ingester.log.truncate(0)
             ingester.start()
         thread.join()
         assert not errors, errors
