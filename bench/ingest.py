@@ -91,9 +91,13 @@ class _LatencySink:
                 self.latencies.append(now - r.ts)
 
 
-def _ingester_child(
-    mqtt_url: str, database_url: str, client_id: str, expect_readings: int,
-    live_after: float, conn: Any,
+def _ingester_child(  # noqa: PLR0917 (multiprocessing target)
+    mqtt_url: str,
+    database_url: str,
+    client_id: str,
+    expect_readings: int,
+    live_after: float,
+    conn: Any,
 ) -> None:
     async def run() -> dict[str, Any]:
         sink = _LatencySink(live_after=live_after, latencies=[])
@@ -114,8 +118,11 @@ def _ingester_child(
             msgs = svc.metrics.received._value.get()
             stored = svc.metrics.stored._value.get()
         return {
-            "elapsed_s": elapsed, "messages": msgs, "stored": stored,
-            "latencies": sink.latencies, "rss_kib": _vm_hwm_kib(),
+            "elapsed_s": elapsed,
+            "messages": msgs,
+            "stored": stored,
+            "latencies": sink.latencies,
+            "rss_kib": _vm_hwm_kib(),
         }
 
     conn.send(asyncio.run(run()))
@@ -192,7 +199,9 @@ def cityops_drain(mqtt_url: str, database_url: str, kind: str, n: int) -> dict[s
     }
 
 
-def cityops_latency(mqtt_url: str, database_url: str, kind: str, rate: int, seconds: float) -> dict[str, Any]:
+def cityops_latency(
+    mqtt_url: str, database_url: str, kind: str, rate: int, seconds: float
+) -> dict[str, Any]:
     prefix = f"l{uuid.uuid4().hex[:6]}"
     client_id = f"bench-{prefix}"
     n = int(rate * seconds)
@@ -207,7 +216,14 @@ def cityops_latency(mqtt_url: str, database_url: str, kind: str, rate: int, seco
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            pub.publish([(f"city/traffic/d{i % 1000 % 16}/{prefix}-{i % 1000}", _payload(kind, i, time.time()))])
+            pub.publish(
+                [
+                    (
+                        f"city/traffic/d{i % 1000 % 16}/{prefix}-{i % 1000}",
+                        _payload(kind, i, time.time()),
+                    )
+                ]
+            )
         pub.wait_acked(120)
     result = pipe.recv()
     proc.join(30)
@@ -235,9 +251,15 @@ def baseline_drain(mqtt_url: str, database_url: str, kind: str, n: int) -> dict[
     async def run() -> tuple[float, int]:
         got = 0
         async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as db:
-            await db.execute("CREATE TABLE IF NOT EXISTS naive (topic text, ts float8, channel text, value float8)")
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS naive"
+                " (topic text, ts float8, channel text, value float8)"
+            )
             async with aiomqtt.Client(
-                ep.host, ep.port, identifier=client_id, protocol=aiomqtt.ProtocolVersion.V5,
+                ep.host,
+                ep.port,
+                identifier=client_id,
+                protocol=aiomqtt.ProtocolVersion.V5,
                 clean_start=False,
             ) as client:
                 await client.subscribe("city/#", qos=1)
@@ -245,12 +267,17 @@ def baseline_drain(mqtt_url: str, database_url: str, kind: str, n: int) -> dict[
                 async for message in client.messages:
                     if t is None:
                         t = time.perf_counter()
-                    data = orjson.loads(message.payload)  # type: ignore[arg-type]
+                    data = orjson.loads(message.payload)
                     records = data if isinstance(data, list) else [data]
                     for rec in records:
                         await db.execute(
                             "INSERT INTO naive VALUES (%s, %s, %s, %s)",
-                            (str(message.topic), rec.get("ts", rec.get("bt", 0)), rec.get("n", "v"), rec.get("v", rec.get("intensity"))),
+                            (
+                                str(message.topic),
+                                rec.get("ts", rec.get("bt", 0)),
+                                rec.get("n", "v"),
+                                rec.get("v", rec.get("intensity")),
+                            ),
                         )
                     got += 1
                     if got >= n:
@@ -268,7 +295,9 @@ def main() -> None:
     parser.add_argument("--mqtt-url")
     parser.add_argument("--database-url")
     parser.add_argument("--messages", type=int, default=100_000, help="single-reading JSON load")
-    parser.add_argument("--senml-messages", type=int, default=20_000, help="SenML load (x20 readings)")
+    parser.add_argument(
+        "--senml-messages", type=int, default=20_000, help="SenML load (x20 readings)"
+    )
     parser.add_argument("--baseline-messages", type=int, default=10_000)
     parser.add_argument("--latency-rate", type=int, default=5_000)
     parser.add_argument("--latency-seconds", type=float, default=10.0)
@@ -301,17 +330,29 @@ def main() -> None:
                 drain = cityops_drain(mqtt_url, database_url, kind, n)
                 _progress(f"{kind}: cityops latency at a steady rate")
                 lat = cityops_latency(
-                    mqtt_url, database_url, kind,
+                    mqtt_url,
+                    database_url,
+                    kind,
                     args.latency_rate if kind == "json" else args.latency_rate // 5,
                     args.latency_seconds,
                 )
                 _progress(f"{kind}: naive baseline")
                 base = baseline_drain(mqtt_url, database_url, kind, min(n, args.baseline_messages))
-                rows.append({"kind": kind, "messages": n, "generator_msg_s": gen, **drain,
-                             "latency_rate": args.latency_rate if kind == "json" else args.latency_rate // 5,
-                             **lat, "baseline_msg_s": base["msg_s"],
-                             "baseline_readings_s": base["readings_s"],
-                             "speedup": drain["msg_s"] / base["msg_s"]})
+                rows.append(
+                    {
+                        "kind": kind,
+                        "messages": n,
+                        "generator_msg_s": gen,
+                        **drain,
+                        "latency_rate": args.latency_rate
+                        if kind == "json"
+                        else args.latency_rate // 5,
+                        **lat,
+                        "baseline_msg_s": base["msg_s"],
+                        "baseline_readings_s": base["readings_s"],
+                        "speedup": drain["msg_s"] / base["msg_s"],
+                    }
+                )
         finally:
             if broker is not None:
                 broker.stop()
@@ -319,14 +360,18 @@ def main() -> None:
                 pg.stop()
 
     print()
-    print(f"{'payload':9} {'msgs':>7} {'gen msg/s':>10} {'msg/s':>8} {'readings/s':>11} "
-          f"{'p50 ms':>7} {'p99 ms':>7} {'@rate':>6} {'RSS MiB':>8} {'lossless':>8} "
-          f"{'naive msg/s':>11} {'x naive':>7}")
+    print(
+        f"{'payload':9} {'msgs':>7} {'gen msg/s':>10} {'msg/s':>8} {'readings/s':>11} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'@rate':>6} {'RSS MiB':>8} {'lossless':>8} "
+        f"{'naive msg/s':>11} {'x naive':>7}"
+    )
     for r in rows:
-        print(f"{r['kind']:9} {r['messages']:>7} {r['generator_msg_s']:>10.0f} {r['msg_s']:>8.0f} "
-              f"{r['readings_s']:>11.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
-              f"{r['latency_rate']:>6} {r['rss_mib']:>8.1f} {r['lossless'] and r['lossless']!s:>8} "
-              f"{r['baseline_msg_s']:>11.0f} {r['speedup']:>7.1f}")
+        print(
+            f"{r['kind']:9} {r['messages']:>7} {r['generator_msg_s']:>10.0f} {r['msg_s']:>8.0f} "
+            f"{r['readings_s']:>11.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} "
+            f"{r['latency_rate']:>6} {r['rss_mib']:>8.1f} {r['lossless'] and r['lossless']!s:>8} "
+            f"{r['baseline_msg_s']:>11.0f} {r['speedup']:>7.1f}"
+        )
     if args.json:
         print(json.dumps(rows, indent=2))
 

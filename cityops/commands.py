@@ -89,7 +89,7 @@ def _up(args: argparse.Namespace) -> int:
             env = {**os.environ, "CITYOPS_MQTT_URL": mqtt_url, "CITYOPS_DATABASE_URL": database_url}
             simulator = None
             if not args.no_simulator:
-                simulator = subprocess.Popen(  # noqa: S603 (our own CLI)
+                simulator = subprocess.Popen(
                     [sys.executable, "-m", "cityops.cli", "simulate"], env=env
                 )
             print(

@@ -11,9 +11,9 @@ from cityops.settings import MqttEndpoint, Settings
 from ingest.decode import DEFAULT_LIMITS, DecodeLimits
 from ingest.mqtt import MqttOptions
 from ingest.pipeline import PipelineOptions
+from ingest.service import IngestConfig, run_ingest
 
 _PIPELINE = PipelineOptions()
-from ingest.service import IngestConfig, run_ingest
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,16 +42,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--batch-messages", type=int, default=_PIPELINE.batch_max_messages)
     p.add_argument("--batch-delay-ms", type=float, default=_PIPELINE.batch_max_delay_s * 1e3)
     p.add_argument(
-        "--max-buffered", type=int, default=_PIPELINE.max_buffered_messages,
+        "--max-buffered",
+        type=int,
+        default=_PIPELINE.max_buffered_messages,
         help="pause reading above this many uncommitted messages",
     )
     p.add_argument("--max-payload-bytes", type=int, default=DEFAULT_LIMITS.max_payload_bytes)
     p.add_argument(
-        "--max-past-s", type=float, default=DEFAULT_LIMITS.max_past_s,
+        "--max-past-s",
+        type=float,
+        default=DEFAULT_LIMITS.max_past_s,
         help="dead-letter readings older than this before their receive time",
     )
     p.add_argument(
-        "--max-future-s", type=float, default=DEFAULT_LIMITS.max_future_s,
+        "--max-future-s",
+        type=float,
+        default=DEFAULT_LIMITS.max_future_s,
         help="dead-letter readings newer than this after their receive time",
     )
     p.set_defaults(handler=_run)

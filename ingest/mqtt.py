@@ -144,7 +144,7 @@ class ManualAckClient:
         return client
 
     def _connect_properties(self) -> Properties:
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._options.session_expiry_s
         props.ReceiveMaximum = self._options.receive_maximum
         return props
@@ -232,7 +232,7 @@ class ManualAckClient:
         self._on_message(
             InboundMessage(
                 topic=topic,
-                payload=msg.payload,
+                payload=bytes(msg.payload),
                 qos=msg.qos,
                 retain=msg.retain,
                 content_type=content_type,
@@ -388,7 +388,7 @@ class ManualAckClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
         if self._state.connected.is_set():
-            props = Properties(PacketTypes.DISCONNECT)
+            props = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = self._options.session_expiry_s
             self._client.disconnect(properties=props)
             with contextlib.suppress(TimeoutError):

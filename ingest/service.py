@@ -73,7 +73,9 @@ class IngestService:
     async def __aenter__(self) -> IngestService:
         cfg = self.config
         if cfg.metrics_port is not None:
-            start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry)
+            start_http_server(
+                cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry
+            )
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port)
         self._writer = asyncio.create_task(self.pipeline.run(), name="ingest-writer")
         options = cfg.mqtt_options or MqttOptions(client_id=cfg.client_id)
@@ -115,7 +117,7 @@ class IngestService:
 
     async def wait_connected(self, timeout_s: float = 10.0) -> None:
         """Wait until the broker connection is up."""
-        assert self.client is not None  # noqa: S101 (programming error, not input)
+        assert self.client is not None
         await self.client.wait_connected(timeout_s)
 
 

@@ -10,6 +10,7 @@ batch never leaves a stale id behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -118,10 +119,8 @@ class ReadingStore:
         return result
 
     async def _discard(self, conn: AsyncConnection[tuple[object, ...]]) -> None:
-        try:
+        with contextlib.suppress(psycopg.Error):
             await conn.rollback()
-        except psycopg.Error:
-            pass
         if conn.broken or conn.closed:
             self._conn = None
         else:

@@ -39,9 +39,9 @@ class Publisher:
         )
         self.client.max_inflight_messages_set(1_000)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.05, 0.5)
+        self.client.reconnect_delay_set(1, 2)
         self.client.on_publish = self._on_publish
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 600
         self.client.connect(ep.host, ep.port, keepalive=10, clean_start=False, properties=props)
         self.client.loop_start()
@@ -101,7 +101,7 @@ def drop_session(url: str, client_id: str) -> None:
     """Remove a persistent session (and its queue) from the broker."""
     ep = MqttEndpoint.parse(url)
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
-    props = Properties(PacketTypes.CONNECT)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 0
     client.connect(ep.host, ep.port, clean_start=True, properties=props)
     client.loop(timeout=1.0)
@@ -118,7 +118,7 @@ def create_session(url: str, client_id: str, topic_filter: str = "city/#") -> No
     done = threading.Event()
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
     client.on_subscribe = lambda *args: done.set()
-    props = Properties(PacketTypes.CONNECT)
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     props.SessionExpiryInterval = 3600
     client.connect(ep.host, ep.port, clean_start=False, properties=props)
     client.loop_start()

@@ -21,6 +21,7 @@ import orjson
 import psycopg
 import pytest
 
+from cityops.embedded import EmbeddedMosquitto, EmbeddedPostgres
 from tests.mqtt_helpers import Publisher, create_session, drop_session
 
 pytestmark = pytest.mark.slow
@@ -74,10 +75,17 @@ class IngesterProcess:
         if self.proc is None:
             # Subscribed before the first publish, as a deployed ingester is.
             create_session(self.env["CITYOPS_MQTT_URL"], self.client_id)
-        self.proc = subprocess.Popen(  # noqa: S603
+        self.proc = subprocess.Popen(
             [
-                sys.executable, "-m", "cityops.cli", "--log-format", "json",
-                "ingest", "--client-id", self.client_id, "--no-metrics",
+                sys.executable,
+                "-m",
+                "cityops.cli",
+                "--log-format",
+                "json",
+                "ingest",
+                "--client-id",
+                self.client_id,
+                "--no-metrics",
             ],
             env=self.env,
             stdout=subprocess.DEVNULL,
@@ -146,7 +154,9 @@ def test_kill_9_repeatedly_mid_stream_loses_and_duplicates_nothing(
         drop_session(mqtt_url, ingester.client_id)
 
 
-def test_broker_restart_mid_stream(mqtt_url: str, database_url: str, broker) -> None:  # type: ignore[no-untyped-def]
+def test_broker_restart_mid_stream(
+    mqtt_url: str, database_url: str, broker: EmbeddedMosquitto
+) -> None:
     prefix = f"b{uuid.uuid4().hex[:6]}"
     ingester = IngesterProcess(mqtt_url, database_url, f"fault-broker-{prefix}")
     ingester.start()
@@ -171,7 +181,9 @@ def test_broker_restart_mid_stream(mqtt_url: str, database_url: str, broker) -> 
 
 
 def test_database_down_for_10_s_mid_stream(
-    mqtt_url: str, database_url: str, postgres  # type: ignore[no-untyped-def]
+    mqtt_url: str,
+    database_url: str,
+    postgres: EmbeddedPostgres,
 ) -> None:
     prefix = f"p{uuid.uuid4().hex[:6]}"
     ingester = IngesterProcess(mqtt_url, database_url, f"fault-db-{prefix}")

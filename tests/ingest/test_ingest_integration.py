@@ -11,6 +11,7 @@ import orjson
 import psycopg
 import pytest
 
+from ingest.decode import DecodeLimits
 from ingest.service import IngestService
 from tests.ingest.conftest import ServiceFactory
 from tests.mqtt_helpers import Publisher, publish_all
@@ -59,7 +60,10 @@ async def test_json_and_senml_are_stored_with_devices_and_series(
         {"n": "door", "vs": "closed"},
     ]
     msgs = [
-        (f"city/traffic/chuo/{p}-loop1", orjson.dumps({"ts": now, "intensity": 12, "occupancy": 0.4})),
+        (
+            f"city/traffic/chuo/{p}-loop1",
+            orjson.dumps({"ts": now, "intensity": 12, "occupancy": 0.4}),
+        ),
         (f"city/facility/kita/{p}-ws", orjson.dumps(senml)),
     ]
     async with ingest_service() as svc:
@@ -71,7 +75,7 @@ async def test_json_and_senml_are_stored_with_devices_and_series(
             "SELECT id, domain, district FROM devices WHERE id LIKE %s ORDER BY id", (p + "%",)
         ).fetchall()
         assert devices == [(f"{p}-loop1", "traffic", "chuo"), (f"{p}-ws", "facility", "kita")]
-        series = dict(
+        series: dict[str, str] = dict(
             conn.execute(
                 "SELECT channel, unit FROM series WHERE device_id = %s", (f"{p}-ws",)
             ).fetchall()
@@ -96,7 +100,10 @@ async def test_redelivered_message_is_stored_once(
     ingest_service: ServiceFactory, mqtt_url: str, database_url: str
 ) -> None:
     p = _prefix()
-    msg = (f"city/traffic/chuo/{p}-d", orjson.dumps({"ts": 1_700_000_000 + time.time() % 1e6, "v": 1}))
+    msg = (
+        f"city/traffic/chuo/{p}-d",
+        orjson.dumps({"ts": 1_700_000_000 + time.time() % 1e6, "v": 1}),
+    )
     # The same payload published three times stands for broker redelivery.
     async with ingest_service(limits=_wide_limits()) as svc:
         await asyncio.to_thread(publish_all, mqtt_url, [msg, msg, msg])
@@ -105,9 +112,7 @@ async def test_redelivered_message_is_stored_once(
     assert _count_readings(database_url, p) == 1
 
 
-def _wide_limits():  # type: ignore[no-untyped-def]
-    from ingest.decode import DecodeLimits  # noqa: PLC0415
-
+def _wide_limits() -> DecodeLimits:
     return DecodeLimits(max_past_s=10 * 365 * 86_400)
 
 
@@ -125,7 +130,7 @@ def _wide_limits():  # type: ignore[no-untyped-def]
         ("/extra/level", b'{"v": 1}', "topic"),
     ],
 )
-async def test_bad_input_is_dead_lettered_and_ingest_goes_on(
+async def test_bad_input_is_dead_lettered_and_ingest_goes_on(  # noqa: PLR0917
     ingest_service: ServiceFactory,
     mqtt_url: str,
     database_url: str,
@@ -139,10 +144,16 @@ async def test_bad_input_is_dead_lettered_and_ingest_goes_on(
     async with ingest_service() as svc:
         await asyncio.to_thread(publish_all, mqtt_url, [(topic, payload), good])
         await _until(lambda: _count_readings(database_url, p) == 1)
-        await _until(lambda: sum(
-            s.value for s in next(iter(svc.metrics.dead_lettered.collect())).samples
-            if s.name.endswith("_total")
-        ) >= 1)
+        await _until(
+            lambda: (
+                sum(
+                    s.value
+                    for s in next(iter(svc.metrics.dead_lettered.collect())).samples
+                    if s.name.endswith("_total")
+                )
+                >= 1
+            )
+        )
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
             "SELECT topic, payload, reason FROM dead_letters WHERE topic = %s", (topic,)
@@ -165,10 +176,14 @@ async def test_device_cannot_move_between_districts(
             publish_all, mqtt_url, [(f"city/traffic/kita/{p}-x", orjson.dumps({"v": 2}))]
         )
         await _until(
-            lambda: _scalar(
-                database_url, "SELECT count(*) FROM dead_letters WHERE reason LIKE %s", f"%{p}-x%"
+            lambda: (
+                _scalar(
+                    database_url,
+                    "SELECT count(*) FROM dead_letters WHERE reason LIKE %s",
+                    f"%{p}-x%",
+                )
+                == 1
             )
-            == 1
         )
     assert _count_readings(database_url, p) == 1
 
@@ -211,8 +226,10 @@ async def test_messages_published_while_ingester_is_away_are_delivered(
     async with ingest_service():
         pass  # creates the persistent session
     now = time.time()
-    msgs = [(f"city/traffic/chuo/{p}-d{i % 5}", orjson.dumps({"ts": now + i * 1e-3, "v": i}))
-            for i in range(2_000)]
+    msgs = [
+        (f"city/traffic/chuo/{p}-d{i % 5}", orjson.dumps({"ts": now + i * 1e-3, "v": i}))
+        for i in range(2_000)
+    ]
     publish_all(mqtt_url, msgs)
     async with ingest_service():
         await _until(lambda: _count_readings(database_url, p) == 2_000)
@@ -225,19 +242,23 @@ async def test_two_ingesters_on_one_shared_group_store_everything_once(
     group = f"g{uuid.uuid4().hex[:6]}"
     now = time.time()
     n = 4_000
-    msgs = [(f"city/traffic/chuo/{p}-d{i % 20}", orjson.dumps({"ts": now + i * 1e-3, "v": i}))
-            for i in range(n)]
+    msgs = [
+        (f"city/traffic/chuo/{p}-d{i % 20}", orjson.dumps({"ts": now + i * 1e-3, "v": i}))
+        for i in range(n)
+    ]
     a_id = f"{group}-a"
     b_id = f"{group}-b"
     from ingest.mqtt import MqttOptions  # noqa: PLC0415
 
     async with (
         ingest_service(
-            shared_group=group, client_id=a_id,
+            shared_group=group,
+            client_id=a_id,
             mqtt_options=MqttOptions(client_id=a_id, session_expiry_s=60),
         ) as a,
         ingest_service(
-            shared_group=group, client_id=b_id,
+            shared_group=group,
+            client_id=b_id,
             mqtt_options=MqttOptions(client_id=b_id, session_expiry_s=60),
         ) as b,
     ):
@@ -250,12 +271,15 @@ async def test_two_ingesters_on_one_shared_group_store_everything_once(
     assert got_a > 0
     assert got_b > 0
     assert got_a + got_b == n
-    assert _scalar(
-        database_url,
-        "SELECT count(DISTINCT (r.series_id, r.ts)) FROM readings r JOIN series s"
-        " ON s.id = r.series_id WHERE s.device_id LIKE %s",
-        p + "%",
-    ) == n
+    assert (
+        _scalar(
+            database_url,
+            "SELECT count(DISTINCT (r.series_id, r.ts)) FROM readings r JOIN series s"
+            " ON s.id = r.series_id WHERE s.device_id LIKE %s",
+            p + "%",
+        )
+        == n
+    )
 
 
 async def test_sigterm_style_shutdown_flushes_and_acks(
@@ -266,8 +290,10 @@ async def test_sigterm_style_shutdown_flushes_and_acks(
     assert isinstance(ingest_config, IngestConfig)
     p = _prefix()
     now = time.time()
-    msgs = [(f"city/facility/kita/{p}-d", orjson.dumps({"ts": now + i * 1e-3, "v": i}))
-            for i in range(500)]
+    msgs = [
+        (f"city/facility/kita/{p}-d", orjson.dumps({"ts": now + i * 1e-3, "v": i}))
+        for i in range(500)
+    ]
     svc = IngestService(ingest_config)
     await svc.__aenter__()
     await svc.wait_connected()
