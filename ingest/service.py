@@ -14,6 +14,7 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import psycopg
 from prometheus_client import start_http_server
 
 from cityops.settings import MqttEndpoint
@@ -22,6 +23,7 @@ from ingest.decode import DecodeLimits
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import ManualAckClient, MqttOptions
 from ingest.pipeline import IngestPipeline, PipelineOptions
+from ingest.presence import StalenessMonitor, StalenessOptions, StalenessService
 from ingest.store import ReadingStore, StoreOptions
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class IngestConfig:
     limits: DecodeLimits = field(default_factory=DecodeLimits)
     mqtt_options: MqttOptions | None = None
     store: StoreOptions = field(default_factory=StoreOptions)
+    staleness: StalenessOptions = field(default_factory=StalenessOptions)
     shutdown_timeout_s: float = 30.0
 
     @property
@@ -60,12 +63,15 @@ class IngestService:
         self.config = config
         self.metrics = IngestMetrics()
         self.store = ReadingStore(config.database_url, config.store)
+        self.staleness = StalenessMonitor(options=config.staleness, metrics=self.metrics)
+        self._staleness_service = StalenessService(self.staleness, config.database_url)
+        self._staleness_task: asyncio.Task[None] | None = None
         self.pipeline = IngestPipeline(
             store=self.store,
             options=config.pipeline,
             limits=config.limits,
             metrics=self.metrics,
-            sinks=sinks,
+            sinks=(self.staleness, *sinks),
         )
         self.client: ManualAckClient | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -77,6 +83,15 @@ class IngestService:
                 cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry
             )
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port)
+        try:
+            restored = await self._staleness_service.restore()
+            log.info("last reports of %d known devices restored", restored)
+        except psycopg.Error as exc:
+            # Ingest must start even when the database is down: it holds batches.
+            log.warning("device staleness starts empty: %s", exc)
+        self._staleness_task = asyncio.create_task(
+            self._staleness_service.run(), name="ingest-staleness"
+        )
         self._writer = asyncio.create_task(self.pipeline.run(), name="ingest-writer")
         options = cfg.mqtt_options or MqttOptions(client_id=cfg.client_id)
         self.client = ManualAckClient(
@@ -113,6 +128,11 @@ class IngestService:
         if self.client is not None:
             await self.client.close()
             self.client = None
+        if self._staleness_task is not None:
+            self._staleness_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._staleness_task
+            self._staleness_task = None
         await self.store.close()
 
     async def wait_connected(self, timeout_s: float = 10.0) -> None:
