@@ -19,22 +19,31 @@ def embedded_postgres(settings: Settings) -> EmbeddedPostgres:
     return EmbeddedPostgres(Path(settings.data_dir) / "postgres")
 
 
+def broker_url(settings: Settings) -> str:
+    """The MQTT URL: from the environment, else the running embedded broker.
+
+    Raises:
+        ConfigError: the URL is not set and the embedded broker is not running.
+    """
+    if settings.mqtt_url is not None:
+        return settings.mqtt_url
+    broker = embedded_broker(settings)
+    if not broker.is_running():
+        msg = (
+            "CITYOPS_MQTT_URL is not set and the embedded broker under "
+            f"{settings.data_dir} is not running: start `cityops up` or set the URL"
+        )
+        raise ConfigError(msg)
+    return broker.url
+
+
 def service_urls(settings: Settings) -> tuple[str, str]:
     """MQTT and database URLs: from the environment, else the running embedded ones.
 
     Raises:
         ConfigError: a URL is not set and the embedded service is not running.
     """
-    mqtt_url = settings.mqtt_url
-    if mqtt_url is None:
-        broker = embedded_broker(settings)
-        if not broker.is_running():
-            msg = (
-                "CITYOPS_MQTT_URL is not set and the embedded broker under "
-                f"{settings.data_dir} is not running: start `cityops up` or set the URL"
-            )
-            raise ConfigError(msg)
-        mqtt_url = broker.url
+    mqtt_url = broker_url(settings)
     database_url = settings.database_url
     if database_url is None:
         pg = embedded_postgres(settings)

@@ -173,24 +173,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _endpoint(args: argparse.Namespace) -> Endpoint | None:
     """The broker from --mqtt-url or the settings; ``None`` (after a message) if neither."""
-    url = args.mqtt_url
+    from cityops.errors import ConfigError  # noqa: PLC0415 - the edge only
+    from cityops.runtime import broker_url  # noqa: PLC0415
+    from cityops.settings import MqttEndpoint, Settings  # noqa: PLC0415
+
     try:
-        from cityops.settings import MqttEndpoint, Settings  # noqa: PLC0415 - the edge only
-    except ImportError as exc:  # pragma: no cover - the shared package is part of the project
-        print(f"cityops {args.command}: cannot read settings: {exc}", file=sys.stderr)
-        return None
-    try:
-        url = url or Settings.from_env().mqtt_url
-        if not url:
-            print(
-                f"cityops {args.command}: no broker: pass --mqtt-url mqtt://host:port "
-                "or set CITYOPS_MQTT_URL",
-                file=sys.stderr,
-            )
-            return None
-        return MqttEndpoint.parse(url)
-    except Exception as exc:  # ConfigError, from the shared package
-        print(f"cityops {args.command}: {exc}", file=sys.stderr)
+        return MqttEndpoint.parse(args.mqtt_url or broker_url(Settings.from_env()))
+    except ConfigError as exc:
+        print(
+            f"cityops {args.command}: no broker: pass --mqtt-url mqtt://host:port, "
+            f"set CITYOPS_MQTT_URL or start `cityops up` ({exc})",
+            file=sys.stderr,
+        )
         return None
 
 
