@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -77,44 +76,49 @@ def _embedded_services(settings: Settings) -> Iterator[tuple[str, str]]:
         yield mqtt_url, database_url
 
 
-def _up(args: argparse.Namespace) -> int:
-    from ingest.service import IngestConfig, run_ingest  # noqa: PLC0415 (keeps `cityops db` light)
+async def _serve(mqtt_url: str, database_url: str, args: argparse.Namespace) -> None:
+    """Ingest first (subscribed before anything publishes), then the simulator."""
+    from ingest.service import IngestConfig, IngestService, stop_on_signals  # noqa: PLC0415
 
+    config = IngestConfig(
+        mqtt=MqttEndpoint.parse(mqtt_url),
+        database_url=database_url,
+        client_id="cityops-ingest-up",
+        metrics_port=args.metrics_port,
+    )
+    env = {**os.environ, "CITYOPS_MQTT_URL": mqtt_url, "CITYOPS_DATABASE_URL": database_url}
+    async with stop_on_signals() as stop, IngestService(config) as ingest:
+        await ingest.wait_connected(30.0)
+        simulator = None
+        if not args.no_simulator:
+            simulator = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "cityops.cli", "simulate", env=env
+            )
+        print(
+            "cityops is up\n"
+            f"  broker:   {mqtt_url}\n"
+            f"  database: {redact(database_url)}\n"
+            f"  metrics:  http://127.0.0.1:{args.metrics_port}/metrics\n"
+            f"  simulator: {'off' if simulator is None else 'the default city, real time'}\n"
+            "  stop with Ctrl-C",
+            flush=True,
+        )
+        try:
+            await stop.wait()
+        finally:
+            if simulator is not None and simulator.returncode is None:
+                simulator.terminate()
+                await simulator.wait()
+
+
+def _up(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     try:
         with _embedded_services(settings) as (mqtt_url, database_url):
             applied = migrate(database_url)
             if applied:
                 log.info("migrations applied: %s", ", ".join(applied))
-            env = {**os.environ, "CITYOPS_MQTT_URL": mqtt_url, "CITYOPS_DATABASE_URL": database_url}
-            simulator = None
-            if not args.no_simulator:
-                simulator = subprocess.Popen(
-                    [sys.executable, "-m", "cityops.cli", "simulate"], env=env
-                )
-            print(
-                "cityops is up\n"
-                f"  broker:   {mqtt_url}\n"
-                f"  database: {redact(database_url)}\n"
-                f"  metrics:  http://127.0.0.1:{args.metrics_port}/metrics\n"
-                "  stop with Ctrl-C",
-                flush=True,
-            )
-            try:
-                asyncio.run(
-                    run_ingest(
-                        IngestConfig(
-                            mqtt=MqttEndpoint.parse(mqtt_url),
-                            database_url=database_url,
-                            client_id="cityops-ingest-up",
-                            metrics_port=args.metrics_port,
-                        )
-                    )
-                )
-            finally:
-                if simulator is not None:
-                    simulator.terminate()
-                    simulator.wait(timeout=10)
+            asyncio.run(_serve(mqtt_url, database_url, args))
     except CityopsError as exc:
         print(f"cityops up: {exc}", file=sys.stderr)
         return 1

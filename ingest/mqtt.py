@@ -93,6 +93,7 @@ class _State:
     paused: bool = False
     reading: bool = False
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     connack_error: str | None = None
 
@@ -137,6 +138,7 @@ class ManualAckClient:
         client.on_connect = self._paho_on_connect
         client.on_disconnect = self._paho_on_disconnect
         client.on_message = self._paho_on_message
+        client.on_subscribe = self._paho_on_subscribe
         client.on_socket_open = self._paho_on_socket_open
         client.on_socket_close = self._paho_on_socket_close
         client.on_socket_register_write = self._paho_on_register_write
@@ -211,11 +213,21 @@ class ManualAckClient:
         if self._on_connection_change is not None:
             self._on_connection_change(True)
 
+    def _paho_on_subscribe(
+        self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any
+    ) -> None:
+        failed = [str(r) for r in reasons if r.is_failure]
+        if failed:
+            log.error("subscription to %s refused: %s", self._subscriptions, ", ".join(failed))
+            return
+        self._state.subscribed.set()
+
     def _paho_on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         was_connected = self._state.connected.is_set()
         self._state.connected.clear()
+        self._state.subscribed.clear()
         self._state.disconnected.set()
         # Acks for messages of the lost connection must not be sent on the next one.
         self._state.generation += 1
@@ -365,10 +377,10 @@ class ManualAckClient:
                     await self._state.disconnected.wait()
 
     async def wait_connected(self, timeout_s: float) -> None:
-        """Wait until connected, or raise ``MqttUnavailable`` after ``timeout_s``."""
+        """Wait until connected and subscribed, or raise ``MqttUnavailable``."""
         try:
             async with asyncio.timeout(timeout_s):
-                await self._state.connected.wait()
+                await self._state.subscribed.wait()
         except TimeoutError as exc:
             msg = f"not connected to {self._endpoint.url} within {timeout_s:.1f} s"
             raise MqttUnavailable(msg) from exc
