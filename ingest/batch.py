@@ -21,6 +21,10 @@ class Batch:
     reading_received_at: list[float] = field(default_factory=list)
     presences: list[Presence] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    reading_run_ids: list[str] = field(default_factory=list)
+    """Replay sandbox only: the run each reading belongs to."""
+    presence_run_ids: list[str] = field(default_factory=list)
+    """Replay sandbox only: the run each presence message belongs to."""
     acks: list[tuple[int, int]] = field(default_factory=list)
     messages: int = 0
     opened_at: float = field(default_factory=time.monotonic)
@@ -50,6 +54,8 @@ class CommittedBatch:
     presences: tuple[Presence, ...]
     dead_letters: tuple[DeadLetter, ...]
     committed_at: float
+    replay: bool = False
+    """True for the replay sandbox: evaluated as a replay, never paging anyone."""
 
 
 class BatchSink(Protocol):

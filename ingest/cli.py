@@ -47,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=_PIPELINE.max_buffered_messages,
         help="pause reading above this many uncommitted messages",
     )
+    p.add_argument(
+        "--no-replay-sandbox",
+        action="store_true",
+        help="do not subscribe to cityops/replay/# (replays are then not stored)",
+    )
     p.add_argument("--max-payload-bytes", type=int, default=DEFAULT_LIMITS.max_payload_bytes)
     p.add_argument(
         "--max-past-s",
@@ -91,6 +96,7 @@ def _run(args: argparse.Namespace) -> int:
             max_future_s=args.max_future_s,
         ),
         mqtt_options=MqttOptions(client_id=client_id),
+        replay=not args.no_replay_sandbox,
     )
     asyncio.run(run_ingest(config))
     return 0

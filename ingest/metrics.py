@@ -12,6 +12,8 @@ class IngestMetrics:
     """The ingester's counters, gauges and histograms."""
 
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    prefix: str = "cityops_ingest_"
+    """``cityops_replay_`` for the replay sandbox's pipeline, in the same registry."""
     received: Counter = field(init=False)
     stored: Counter = field(init=False)
     dead_lettered: Counter = field(init=False)
@@ -28,7 +30,7 @@ class IngestMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        p = "cityops_ingest_"
+        p = self.prefix
         self.received = Counter(p + "messages_received", "MQTT messages received", registry=r)
         self.stored = Counter(p + "readings_stored", "Readings committed", registry=r)
         self.dead_lettered = Counter(

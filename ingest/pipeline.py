@@ -16,6 +16,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +61,26 @@ class PipelineOptions:
     retry_max_s: float = 5.0
 
 
+REPLAY_PREFIX = "cityops/replay/"
+_RUN_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def split_replay_topic(topic: str) -> tuple[str, str]:
+    """``cityops/replay/{run_id}/city/…`` → (run id, the original topic).
+
+    Raises:
+        DecodeError: not a replay topic, or a malformed run id.
+    """
+    if not topic.startswith(REPLAY_PREFIX):
+        msg = f"topic {topic!r}: not under {REPLAY_PREFIX}"
+        raise DecodeError(msg)
+    run_id, _, inner = topic[len(REPLAY_PREFIX) :].partition("/")
+    if _RUN_ID.fullmatch(run_id) is None:
+        msg = f"topic {topic!r}: run id {run_id!r} must match [a-z0-9][a-z0-9-]* (≤ 63)"
+        raise DecodeError(msg)
+    return run_id, inner
+
+
 def _reason_kind(reason: str) -> str:
     """A low-cardinality label for the dead-letter metric."""
     head = reason.split(":", 1)[0].split(" ", 1)[0]
@@ -89,8 +110,7 @@ class IngestPipeline:
         self._buffered = 0
         self._wake = asyncio.Event()
         self._stopping = False
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._sandbox = store.sandbox
 
     def attach(self, source: AckingSource) -> None:
         """Set the client whose messages this pipeline acknowledges."""
@@ -113,11 +133,14 @@ class IngestPipeline:
         if batch.messages == 0:
             batch.opened_at = time.monotonic()
             batch.first_received_at = msg.received_at
-            self._idle.clear()
             self._wake.set()
+        topic = msg.topic
+        run_id = ""
         try:
+            if self._sandbox:
+                run_id, topic = split_replay_topic(topic)
             decoded = decode_message(
-                msg.topic,
+                topic,
                 msg.payload,
                 received_at=msg.received_at,
                 content_type=msg.content_type,
@@ -128,6 +151,8 @@ class IngestPipeline:
         else:
             if isinstance(decoded, Presence):
                 batch.presences.append(decoded)
+                if self._sandbox:
+                    batch.presence_run_ids.append(run_id)
             elif decoded:
                 home = self._store.home_of(decoded[0].device.device_id)
                 device = decoded[0].device
@@ -142,6 +167,8 @@ class IngestPipeline:
                 else:
                     batch.readings.extend(decoded)
                     batch.reading_received_at.extend([msg.received_at] * len(decoded))
+                    if self._sandbox:
+                        batch.reading_run_ids.extend([run_id] * len(decoded))
         if msg.qos > 0:
             batch.acks.append((msg.generation, msg.mid))
         batch.messages += 1
@@ -184,7 +211,6 @@ class IngestPipeline:
                 continue
             if self._stopping:
                 return None
-            self._idle.set()
             self._wake.clear()
             await self._wake.wait()
 
@@ -195,7 +221,6 @@ class IngestPipeline:
             self._update_lag()
             batch = await self._next_batch()
             if batch is None:
-                self._idle.set()
                 return
             await self._commit_with_retry(batch, backoff)
 
@@ -248,6 +273,7 @@ class IngestPipeline:
             presences=tuple(batch.presences),
             dead_letters=(*batch.dead_letters, *result.rejected),
             committed_at=time.time(),
+            replay=self._sandbox,
         )
         for sink in self._sinks:
             try:
@@ -262,6 +288,10 @@ class IngestPipeline:
                 oldest = b.first_received_at if oldest is None else min(oldest, b.first_received_at)
         self.metrics.queue_depth.set(self._buffered)
         self.metrics.ack_lag_seconds.set(0.0 if oldest is None else time.time() - oldest)
+
+    async def close_store(self) -> None:
+        """Close the store's connection (after ``run`` returned)."""
+        await self._store.close()
 
     def stop(self) -> None:
         """Stop taking messages; ``run`` returns after flushing what it holds."""

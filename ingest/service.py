@@ -21,14 +21,36 @@ from cityops.settings import MqttEndpoint
 from ingest.batch import BatchSink
 from ingest.decode import DecodeLimits
 from ingest.metrics import IngestMetrics
-from ingest.mqtt import ManualAckClient, MqttOptions
-from ingest.pipeline import IngestPipeline, PipelineOptions
+from ingest.mqtt import InboundMessage, ManualAckClient, MqttOptions
+from ingest.pipeline import REPLAY_PREFIX, IngestPipeline, PipelineOptions
 from ingest.presence import StalenessMonitor, StalenessOptions, StalenessService
 from ingest.store import ReadingStore, StoreOptions
 
 log = logging.getLogger(__name__)
 
 READINGS_FILTER = "city/#"
+REPLAY_FILTER = "cityops/replay/#"
+
+
+@dataclass(slots=True)
+class _SharedSource:
+    """One pipeline's view of the shared client: reading pauses while any pipeline asks."""
+
+    client: ManualAckClient
+    holds: set[str]
+    name: str
+
+    def ack(self, generation: int, mid: int) -> bool:
+        return self.client.ack(generation, mid)
+
+    def pause_reading(self) -> None:
+        self.holds.add(self.name)
+        self.client.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.holds.discard(self.name)
+        if not self.holds:
+            self.client.resume_reading()
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,13 +69,16 @@ class IngestConfig:
     store: StoreOptions = field(default_factory=StoreOptions)
     staleness: StalenessOptions = field(default_factory=StalenessOptions)
     shutdown_timeout_s: float = 30.0
+    replay: bool = True
+    """Also store replayed traffic (``cityops/replay/#``) in the replay sandbox."""
 
     @property
     def subscriptions(self) -> list[str]:
         """Topic filters, through an MQTT 5 shared subscription when scaled out."""
+        filters = [READINGS_FILTER, REPLAY_FILTER] if self.replay else [READINGS_FILTER]
         if self.shared_group:
-            return [f"$share/{self.shared_group}/{READINGS_FILTER}"]
-        return [READINGS_FILTER]
+            return [f"$share/{self.shared_group}/{f}" for f in filters]
+        return filters
 
 
 class IngestService:
@@ -73,8 +98,15 @@ class IngestService:
             metrics=self.metrics,
             sinks=(self.staleness, *sinks),
         )
+        self.replay_pipeline = IngestPipeline(
+            store=ReadingStore(config.database_url, config.store, sandbox=True),
+            options=config.pipeline,
+            limits=config.limits,
+            metrics=IngestMetrics(registry=self.metrics.registry, prefix="cityops_replay_"),
+            sinks=sinks,
+        )
         self.client: ManualAckClient | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> IngestService:
         cfg = self.config
@@ -92,16 +124,26 @@ class IngestService:
         self._staleness_task = asyncio.create_task(
             self._staleness_service.run(), name="ingest-staleness"
         )
-        self._writer = asyncio.create_task(self.pipeline.run(), name="ingest-writer")
+        self._writers = [
+            asyncio.create_task(self.pipeline.run(), name="ingest-writer"),
+            asyncio.create_task(self.replay_pipeline.run(), name="ingest-replay-writer"),
+        ]
+        live, replay = self.pipeline.on_message, self.replay_pipeline.on_message
+
+        def route(msg: InboundMessage) -> None:
+            (replay if msg.topic.startswith(REPLAY_PREFIX) else live)(msg)
+
         options = cfg.mqtt_options or MqttOptions(client_id=cfg.client_id)
         self.client = ManualAckClient(
             cfg.mqtt,
             options,
             subscriptions=cfg.subscriptions,
-            on_message=self.pipeline.on_message,
+            on_message=route,
             on_connection_change=lambda up: self.metrics.connected.set(1 if up else 0),
         )
-        self.pipeline.attach(self.client)
+        holds: set[str] = set()
+        self.pipeline.attach(_SharedSource(self.client, holds, "live"))
+        self.replay_pipeline.attach(_SharedSource(self.client, holds, "replay"))
         await self.client.__aenter__()
         log.info("ingesting %s from %s", ", ".join(cfg.subscriptions), cfg.mqtt.url)
         return self
@@ -112,19 +154,20 @@ class IngestService:
     async def shutdown(self) -> None:
         """Flush, commit, acknowledge, disconnect."""
         self.pipeline.stop()
-        if self._writer is not None:
+        self.replay_pipeline.stop()
+        if self._writers:
             try:
                 async with asyncio.timeout(self.config.shutdown_timeout_s):
-                    await self._writer
+                    await asyncio.gather(*self._writers)
             except TimeoutError:
                 log.error(
                     "could not flush within %.0f s; unacknowledged messages will be redelivered",
                     self.config.shutdown_timeout_s,
                 )
-                self._writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._writer
-            self._writer = None
+                for writer in self._writers:
+                    writer.cancel()
+                await asyncio.gather(*self._writers, return_exceptions=True)
+            self._writers = []
         if self.client is not None:
             await self.client.close()
             self.client = None
@@ -134,6 +177,7 @@ class IngestService:
                 await self._staleness_task
             self._staleness_task = None
         await self.store.close()
+        await self.replay_pipeline.close_store()
 
     async def wait_connected(self, timeout_s: float = 10.0) -> None:
         """Wait until the broker connection is up."""

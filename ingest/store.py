@@ -6,9 +6,16 @@ COPY fail on the unique key ``(series_id, ts)``; the batch then falls back
 to COPY into a temporary staging table and ``INSERT … SELECT … ON CONFLICT
 DO NOTHING`` (about 158,000 rows/s), so a redelivered message is stored once.
 Redeliveries are rare (after a crash or a lost connection), so the fast path
-carries the load. Devices and series are registered on first sight in
-the same transaction; ids are cached only after the commit, so a rolled-back
-batch never leaves a stale id behind.
+carries the load.
+
+The replay sandbox uses the same writer on a connection whose
+``search_path`` is ``replay, public``: the same table names resolve to the
+``replay`` schema, whose readings and presence events also carry the run id
+(runs never mix, a replay never touches a live table).
+
+Devices and series are registered on first sight in the same transaction; ids
+are cached only after the commit, so a rolled-back batch never leaves a stale
+id behind.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _STAGING = """
 CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging (
+    run_id      text,
     series_id   integer NOT NULL,
     ts          double precision NOT NULL,
     value       double precision,
@@ -41,16 +49,14 @@ CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging (
 ) ON COMMIT DELETE ROWS
 """
 
-_COPY_DIRECT = (
-    "COPY readings (series_id, ts, value, state, received_at) FROM STDIN (FORMAT BINARY)"
-)
+_COLUMNS = "series_id, ts, value, state, received_at"
+_COPY_DIRECT = f"COPY readings ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 _TYPES_DIRECT = ["int4", "timestamptz", "float8", "text", "timestamptz"]
-_COPY_STAGED = (
-    "COPY ingest_staging (series_id, ts, value, state, received_at) FROM STDIN (FORMAT BINARY)"
-)
+_COPY_STAGED = f"COPY ingest_staging ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 _TYPES_STAGED = ["int4", "float8", "float8", "text", "float8"]
-# (series id, device time, value, state, receive time), times in epoch seconds
-_Row = tuple[int, float, float | None, str | None, float]
+# (series id, device time, value, state, receive time), times in epoch seconds;
+# in the sandbox the run id comes first.
+_Row = tuple[object, ...]
 
 _PG_EPOCH_S = 946_684_800.0  # 2000-01-01T00:00:00Z, PostgreSQL's timestamp origin
 _pack_int8 = struct.Struct("!q").pack
@@ -78,6 +84,12 @@ SELECT to_timestamp(ts), series_id, value, state, to_timestamp(received_at)
 FROM ingest_staging
 ON CONFLICT DO NOTHING
 """
+_MOVE_STAGED_SANDBOX = """
+INSERT INTO readings (run_id, ts, series_id, value, state, received_at)
+SELECT run_id, to_timestamp(ts), series_id, value, state, to_timestamp(received_at)
+FROM ingest_staging
+ON CONFLICT DO NOTHING
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +108,26 @@ def _presence_rank(session: int, state: str) -> int:
 class ReadingStore:
     """Writes batches to TimescaleDB; one connection, reopened after failures."""
 
-    def __init__(self, conninfo: str, options: StoreOptions | None = None) -> None:
+    def __init__(
+        self, conninfo: str, options: StoreOptions | None = None, *, sandbox: bool = False
+    ) -> None:
         self._conninfo = conninfo
         self._options = options or StoreOptions()
+        self.sandbox = sandbox
+        if sandbox:
+            self._copy_direct = f"COPY readings (run_id, {_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+            self._copy_staged = (
+                f"COPY ingest_staging (run_id, {_COLUMNS}) FROM STDIN (FORMAT BINARY)"
+            )
+            self._types_direct = ["text", *_TYPES_DIRECT]
+            self._types_staged = ["text", *_TYPES_STAGED]
+            self._move_staged = _MOVE_STAGED_SANDBOX
+        else:
+            self._copy_direct = _COPY_DIRECT
+            self._copy_staged = _COPY_STAGED
+            self._types_direct = _TYPES_DIRECT
+            self._types_staged = _TYPES_STAGED
+            self._move_staged = _MOVE_STAGED
         self._conn: AsyncConnection[tuple[object, ...]] | None = None
         # device id -> (domain, district) as registered
         self._devices: dict[str, tuple[str, str]] = {}
@@ -112,7 +141,10 @@ class ReadingStore:
             conn = await AsyncConnection.connect(
                 self._conninfo,
                 connect_timeout=max(1, int(self._options.connect_timeout_s)),
-                options=f"-c statement_timeout={int(self._options.statement_timeout_s * 1000)}",
+                options=(
+                    f"-c statement_timeout={int(self._options.statement_timeout_s * 1000)}"
+                    + (" -c search_path=replay,public" if self.sandbox else "")
+                ),
             )
             conn.adapters.register_dumper(None, EpochTimestamptzDumper)
             await conn.execute(_STAGING)
@@ -180,24 +212,33 @@ class ReadingStore:
         rejected: list[DeadLetter] = []
         readings: list[Reading] = []
         received: list[float] = []
-        for reading, received_at in zip(batch.readings, batch.reading_received_at, strict=True):
+        run_ids: list[str] = []
+        tags = batch.reading_run_ids if self.sandbox else batch.reading_received_at
+        for reading, received_at, tag in zip(
+            batch.readings, batch.reading_received_at, tags, strict=True
+        ):
             home = registered[reading.device.device_id]
             if home != (reading.device.domain, reading.device.district):
                 rejected.append(_mismatch(reading.device, home, received_at))
                 continue
             readings.append(reading)
             received.append(received_at)
-        presences = [
-            p
-            for p in batch.presences
+            if self.sandbox:
+                run_ids.append(str(tag))
+        presence_tags = batch.presence_run_ids if self.sandbox else [""] * len(batch.presences)
+        kept = [
+            (p, tag)
+            for p, tag in zip(batch.presences, presence_tags, strict=True)
             if registered[p.device.device_id] == (p.device.domain, p.device.district)
         ]
+        presences = [p for p, _ in kept]
+        presence_run_ids = [tag for _, tag in kept]
 
         new_series = await self._register_series(conn, readings)
         stored = 0
         if readings:
             series = self._series
-            rows = [
+            rows: list[_Row] = [
                 (
                     series.get((r.device.device_id, r.channel))
                     or new_series[(r.device.device_id, r.channel)],
@@ -208,8 +249,15 @@ class ReadingStore:
                 )
                 for r, received_at in zip(readings, received, strict=True)
             ]
+            if self.sandbox:
+                rows = [(run_id, *row) for run_id, row in zip(run_ids, rows, strict=True)]
+                await conn.execute(
+                    "INSERT INTO runs (run_id) SELECT DISTINCT unnest(%s::text[])"
+                    " ON CONFLICT (run_id) DO UPDATE SET last_seen = now()",
+                    (sorted(set(run_ids)),),
+                )
             stored = await self._copy_readings(conn, rows)
-        applied = await self._write_presence(conn, presences)
+        applied = await self._write_presence(conn, presences, presence_run_ids)
         letters = [*batch.dead_letters, *rejected]
         await self._write_dead_letters(conn, letters)
         result = StoreResult(
@@ -226,19 +274,23 @@ class ReadingStore:
     ) -> int:
         try:
             # conn.transaction() is a savepoint inside the batch's transaction.
-            async with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY_DIRECT) as copy:
-                copy.set_types(_TYPES_DIRECT)
+            async with (
+                conn.transaction(),
+                conn.cursor() as cur,
+                cur.copy(self._copy_direct) as copy,
+            ):
+                copy.set_types(self._types_direct)
                 for row in rows:
                     await copy.write_row(row)
             return len(rows)
         except psycopg.errors.UniqueViolation:
             pass  # a redelivery: take the deduplicating path for this batch
         async with conn.cursor() as cur:
-            async with cur.copy(_COPY_STAGED) as copy:
-                copy.set_types(_TYPES_STAGED)
+            async with cur.copy(self._copy_staged) as copy:
+                copy.set_types(self._types_staged)
                 for row in rows:
                     await copy.write_row(row)
-            await cur.execute(_MOVE_STAGED)
+            await cur.execute(self._move_staged)
             return max(cur.rowcount, 0)
 
     async def _register_devices(
@@ -288,22 +340,35 @@ class ReadingStore:
         return {(str(d), str(c)): int(str(i)) for i, d, c in await cur.fetchall()}
 
     async def _write_presence(
-        self, conn: AsyncConnection[tuple[object, ...]], presences: Sequence[Presence]
+        self,
+        conn: AsyncConnection[tuple[object, ...]],
+        presences: Sequence[Presence],
+        run_ids: Sequence[str],
     ) -> int:
         if not presences:
             return 0
-        await conn.execute(
-            "INSERT INTO presence_events (device_id, session, state, received_at)"
-            " SELECT d, s, st, to_timestamp(t)"
-            " FROM unnest(%s::text[], %s::bigint[], %s::text[], %s::float8[]) AS v(d, s, st, t)"
-            " ON CONFLICT DO NOTHING",
-            (
-                [p.device.device_id for p in presences],
-                [p.session for p in presences],
-                [p.state for p in presences],
-                [p.ts for p in presences],
-            ),
+        columns = (
+            [p.device.device_id for p in presences],
+            [p.session for p in presences],
+            [p.state for p in presences],
+            [p.ts for p in presences],
         )
+        if self.sandbox:
+            await conn.execute(
+                "INSERT INTO presence_events (run_id, device_id, session, state, received_at)"
+                " SELECT r, d, s, st, to_timestamp(t) FROM unnest(%s::text[], %s::text[],"
+                " %s::bigint[], %s::text[], %s::float8[]) AS v(r, d, s, st, t)"
+                " ON CONFLICT DO NOTHING",
+                (list(run_ids), *columns),
+            )
+        else:
+            await conn.execute(
+                "INSERT INTO presence_events (device_id, session, state, received_at)"
+                " SELECT d, s, st, to_timestamp(t) FROM unnest(%s::text[], %s::bigint[],"
+                " %s::text[], %s::float8[]) AS v(d, s, st, t)"
+                " ON CONFLICT DO NOTHING",
+                columns,
+            )
         # The newest status per device wins; a lower session is stale.
         newest: dict[str, Presence] = {}
         for p in presences:

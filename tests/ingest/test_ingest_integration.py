@@ -69,7 +69,7 @@ async def test_json_and_senml_are_stored_with_devices_and_series(
     async with ingest_service() as svc:
         await asyncio.to_thread(publish_all, mqtt_url, msgs)
         await _until(lambda: _count_readings(database_url, p) == 5)
-        assert svc.metrics.stored._value.get() >= 5
+    assert svc.metrics.stored._value.get() >= 5  # counted once the service has flushed
     with psycopg.connect(database_url) as conn:
         devices = conn.execute(
             "SELECT id, domain, district FROM devices WHERE id LIKE %s ORDER BY id", (p + "%",)
@@ -266,8 +266,10 @@ async def test_two_ingesters_on_one_shared_group_store_everything_once(
             await asyncio.to_thread(pub.publish, msgs)
             await asyncio.to_thread(pub.wait_acked)
         await _until(lambda: _count_readings(database_url, p) == n)
-        got_a = a.metrics.received._value.get()
-        got_b = b.metrics.received._value.get()
+    # Read the counters after shutdown: a commit is visible in the database a
+    # moment before the pipeline counts it.
+    got_a = a.metrics.received._value.get()
+    got_b = b.metrics.received._value.get()
     assert got_a > 0
     assert got_b > 0
     assert got_a + got_b == n
