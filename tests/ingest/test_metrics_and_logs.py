@@ -33,7 +33,8 @@ async def test_metrics_endpoint_serves_the_ingest_counters(
             [("city/traffic/chuo/metrics-1", b'{"v": 1}'), ("city/traffic/chuo/metrics-1", b"{")],
         )
         deadline = time.monotonic() + 20
-        while svc.metrics.received._value.get() < 2 and time.monotonic() < deadline:
+        while svc.metrics.received._value.get() < 2:
+            assert time.monotonic() < deadline, "messages not received"
             await asyncio.sleep(0.02)
         body = await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
