@@ -31,6 +31,7 @@ import orjson
 from simulators.errors import CityModelError, ScenarioError, SimulatorError
 from simulators.model import available_cities, load_city
 from simulators.mqtt import Endpoint, MqttPublisher
+from simulators.presence import DEFAULT_DEVICE_CONNECTIONS_LIMIT
 from simulators.progress import ProgressReporter
 from simulators.recorder import Recorder
 from simulators.recording import RecordingReader, RecordingWriter
@@ -117,6 +118,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     sim.add_argument(
         "--max-unacked", type=int, default=10_000, help="outstanding QoS 1 messages per connection"
+    )
+    sim.add_argument(
+        "--device-connections-limit",
+        type=int,
+        default=DEFAULT_DEVICE_CONNECTIONS_LIMIT,
+        help="cities of at most N devices get one MQTT connection per device, with its "
+        "offline status as Last Will; larger ones publish presence over the shared "
+        f"connections, without a will (default {DEFAULT_DEVICE_CONNECTIONS_LIMIT:,}; 0: never)",
+    )
+    sim.add_argument(
+        "--device-keepalive",
+        type=int,
+        default=30,
+        help="MQTT keepalive of the device connections, seconds: the broker publishes the "
+        "wills of a hung simulator after 1.5 times this (default 30)",
     )
     sim.set_defaults(handler=simulate_command)
 
@@ -215,6 +231,13 @@ def simulate_command(args: argparse.Namespace) -> int:
     if args.workers < 1 or (args.rate is not None and args.rate <= 0) or args.speed <= 0:
         print("cityops simulate: --workers, --rate and --speed must be positive", file=sys.stderr)
         return EXIT_USAGE
+    if args.device_keepalive < 1 or args.device_connections_limit < 0:
+        print(
+            "cityops simulate: --device-keepalive must be positive and "
+            "--device-connections-limit not negative",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     try:
         model = load_city(args.city)
         scenarios = [load_scenario(s) for s in args.scenario]
@@ -243,7 +266,19 @@ def simulate_command(args: argparse.Namespace) -> int:
         workers=args.workers,
         qos=args.qos,
         max_unacked=args.max_unacked,
+        device_connections_limit=args.device_connections_limit,
+        device_keepalive_s=args.device_keepalive,
     )
+    city_devices = len(model.devices) if args.devices is None else args.devices
+    if not options.device_connections_for(city_devices):
+        print(
+            f"cityops simulate: warning: {city_devices:,} devices exceed "
+            f"--device-connections-limit {args.device_connections_limit:,}: presence goes over "
+            "the shared connections without a Last Will, so if this process dies its devices "
+            "stay 'online'",
+            file=sys.stderr,
+            flush=True,
+        )
     stop = threading.Event()
 
     def on_signal(_sig: int, _frame: FrameType | None) -> None:

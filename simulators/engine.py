@@ -52,6 +52,7 @@ class SimMessage:
         device: Device id.
         kind: ``reading`` or ``status``.
         session: Presence session (status messages), else 0.
+        presence: ``online`` or ``offline`` (status messages), else empty.
     """
 
     t: float
@@ -63,6 +64,7 @@ class SimMessage:
     device: str
     kind: MessageKind = "reading"
     session: int = 0
+    presence: str = ""
 
 
 class _DeviceState:
@@ -259,6 +261,7 @@ class Simulation:
             device.id,
             "status",
             state.session,
+            presence,
         )
 
     def _report(self, state: _DeviceState, t: float, draws: Draws) -> Iterator[SimMessage]:

@@ -53,6 +53,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_WAIT_SLICE_S = 0.2
+"""Longest pacing wait between checks for a pause or a stop."""
+
 REPLAY_PREFIX: Final = "cityops/replay"
 REPLAY_PROPERTY: Final = "cityops-replay"
 DRILL_PROPERTY: Final = "cityops-drill"
@@ -371,17 +374,25 @@ class Replayer:
             if first_t is None:
                 first_t, wall0 = message.t, self._clock()
             due = wall0 + (message.t - first_t) / opts.speed if opts.speed > 0 else self._clock()
-            if control.paused:
-                paused_at = self._clock()
-                while control.paused and not control.stopped.is_set():
-                    self._publisher.wait(0.2)  # keep the connection alive while paused
-                pause = self._clock() - paused_at
-                result.paused_s += pause
-                wall0 += pause
-                due += pause
-            delay = due - self._clock()
-            if delay > 0.002:
-                self._publisher.wait(delay)
+            # Wait for the message's time in slices, so a pause or a stop that
+            # arrives during a long gap takes effect at once, not after it.
+            while not control.stopped.is_set():
+                if control.paused:
+                    paused_at = self._clock()
+                    while control.paused and not control.stopped.is_set():
+                        self._publisher.wait(0.2)  # keep the connection alive while paused
+                    pause = self._clock() - paused_at
+                    result.paused_s += pause
+                    wall0 += pause
+                    due += pause
+                    continue
+                delay = due - self._clock()
+                if delay <= 0.002:
+                    break
+                self._publisher.wait(min(delay, _WAIT_SLICE_S))
+            if control.stopped.is_set():
+                result.stopped = True
+                break
             payload = message.payload
             if mapping is None:
                 ts = message_timestamp(payload, message.content_type)

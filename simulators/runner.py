@@ -14,10 +14,17 @@ With ``--workers W`` the city is split into ``W`` partitions (device ``i``
 goes to ``i % W``), each simulated and published by its own process and
 connection; since noise is keyed per device, the bytes do not depend on
 ``W``. Workers start together once all have built their part of the city.
+
+Presence: a city of at most ``device_connections_limit`` devices gives every
+device its own MQTT connection with its offline status as Last Will
+(:mod:`simulators.presence`), so a killed simulator leaves its devices
+offline. Larger cities publish presence over the shared connections, without
+a will: if the simulator dies, their devices stay "online".
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
@@ -37,6 +44,12 @@ from simulators.errors import SimulatorError
 from simulators.layout import scale_city
 from simulators.model import CityModel, load_city
 from simulators.mqtt import Endpoint, MqttPublisher, PublishCounts, publish_properties
+from simulators.presence import (
+    DEFAULT_DEVICE_CONNECTIONS_LIMIT,
+    DeviceConnections,
+    PresenceOptions,
+    ensure_fd_limit,
+)
 from simulators.scenario import ScenarioPlan, compile_plan, load_scenario
 
 __all__ = [
@@ -74,6 +87,9 @@ class SimulateOptions:
         mqtt_url: Broker URL (for messages and client ids only; ``endpoint`` connects).
         client_prefix: Prefix of the MQTT client ids.
         max_unacked: Outstanding QoS 1 bound per connection.
+        device_connections_limit: Cities of at most this many devices get one
+            MQTT connection per device, with a Last Will (0: never).
+        device_keepalive_s: MQTT keepalive of the device connections.
     """
 
     city: str
@@ -90,6 +106,12 @@ class SimulateOptions:
     mqtt_url: str = ""
     client_prefix: str = "cityops-sim"
     max_unacked: int = 10_000
+    device_connections_limit: int = DEFAULT_DEVICE_CONNECTIONS_LIMIT
+    device_keepalive_s: int = 30
+
+    def device_connections_for(self, city_devices: int) -> bool:
+        """Whether a city of ``city_devices`` devices gets a connection per device."""
+        return 0 < city_devices <= self.device_connections_limit
 
 
 @dataclass(slots=True)
@@ -98,6 +120,8 @@ class SimulateResult:
 
     counts: PublishCounts = field(default_factory=PublishCounts)
     statuses: int = 0
+    wills: int = 0
+    device_connections: int = 0
     sim_seconds: float = 0.0
     elapsed_s: float = 0.0
     rss_peak_mb: list[float] = field(default_factory=list)
@@ -121,7 +145,10 @@ class SimulateResult:
             "seed": options.seed,
             **self.counts.as_json(),
             "statuses": self.statuses,
+            "wills": self.wills,
             "readings": total - self.statuses,
+            "presence": "device-connections" if self.device_connections else "shared",
+            "device_connections": self.device_connections,
             "elapsed_s": round(self.elapsed_s, 3),
             "rate_msg_s": round(total / self.elapsed_s, 1) if self.elapsed_s > 0 else 0.0,
             "sim_seconds": round(self.sim_seconds, 3),
@@ -177,6 +204,33 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+def _pace(publisher: MqttPublisher, due: float, stop: threading.Event) -> bool:
+    """Wait until wall time ``due``, in slices so a stop is seen at once; ``False`` if stopped."""
+    while (delay := due - time.time()) > 0.002:
+        if stop.is_set():
+            return False
+        publisher.wait(min(delay, 0.2))
+    return not stop.is_set()
+
+
+def _device_connections(
+    options: SimulateOptions, sim: Simulation, endpoint: Endpoint
+) -> DeviceConnections | None:
+    """The per-device connections of this partition, if the city is small enough."""
+    if not options.device_connections_for(len(sim.model.devices)):
+        return None
+    if not ensure_fd_limit(len(sim.devices)):
+        log.warning(
+            "%d device connections need more open files than the hard limit allows "
+            "(ulimit -Hn); presence goes over the shared connection, without a Last Will",
+            len(sim.devices),
+        )
+        return None
+    return DeviceConnections(
+        endpoint, options=PresenceOptions(keepalive_s=options.device_keepalive_s)
+    )
+
+
 def _publish_partition(
     options: SimulateOptions,
     sim: Simulation,
@@ -188,7 +242,11 @@ def _publish_partition(
     stop: threading.Event,
     progress: ProgressFn | None,
 ) -> SimulateResult:
-    """Publish one partition with the requested pacing; the hot loop."""
+    """Publish one partition with the requested pacing; the hot loop.
+
+    Readings always go over the shared, fast publisher connection; presence
+    goes over each device's own connection when there are any.
+    """
     result = SimulateResult()
     props_cache: dict[str | None, Any] = {}
     until = math.inf
@@ -203,24 +261,41 @@ def _publish_partition(
     speed = None if options.as_fast_as_possible or rate else options.speed
     sent = 0
     next_progress = time.monotonic() + 0.5
-    with MqttPublisher(
-        endpoint,
-        client_id=f"{options.client_prefix}-{part}of{parts}-{int(wall_start * 1000) % 10**9}",
-        max_unacked=options.max_unacked,
-    ) as publisher:
+    statuses = 0
+    client_id = f"{options.client_prefix}-{part}of{parts}-{int(wall_start * 1000) % 10**9}"
+    with contextlib.ExitStack() as stack:
+        publisher = stack.enter_context(
+            MqttPublisher(
+                endpoint,
+                client_id=client_id,
+                max_unacked=options.max_unacked,
+            )
+        )
+        devices = _device_connections(options, sim, endpoint)
+        if devices is not None:
+            stack.enter_context(devices)  # on an error: closed, the broker publishes the wills
+            result.device_connections = len(sim.devices)
         publish = publisher.publish
         for message in sim.run(until):
             if sent >= limit or stop.is_set():
                 result.interrupted = stop.is_set()
                 break
             if speed is not None:
-                delay = wall_start + (message.t - options.start) / speed - time.time()
-                if delay > 0.002:
-                    publisher.wait(delay)
-            elif rate is not None:
-                delay = wall_start + sent / rate - time.time()
-                if delay > 0.002:
-                    publisher.wait(delay)
+                if not _pace(publisher, wall_start + (message.t - options.start) / speed, stop):
+                    result.interrupted = True
+                    break
+            elif rate is not None and not _pace(publisher, wall_start + sent / rate, stop):
+                result.interrupted = True
+                break
+            if message.kind == "status":
+                if devices is not None:
+                    if message.presence == "online":
+                        devices.online(message.device, message.topic, message.session)
+                        sent += 1
+                    else:  # outage, flapping: the broker publishes the will
+                        devices.offline(message.device, message.topic, message.session, will=True)
+                    continue
+                statuses += 1
             props = props_cache.get(message.content_type)
             if props is None:
                 props = props_cache[message.content_type] = publish_properties(message.content_type)
@@ -231,13 +306,15 @@ def _publish_partition(
                 retain=message.retain,
                 properties=props,
             )
-            if message.kind == "status":
-                result.statuses += 1
             sent += 1
             if progress is not None and sent & 255 == 0 and time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + 0.5
                 progress(sent, sim.now - options.start)
         for message in sim.finish():
+            if message.kind == "status" and devices is not None:
+                # A clean stop: the offline status published, then a normal DISCONNECT.
+                devices.offline(message.device, message.topic, message.session, will=False)
+                continue
             props = props_cache.get(message.content_type) or publish_properties(
                 message.content_type
             )
@@ -248,13 +325,22 @@ def _publish_partition(
                 retain=message.retain,
                 properties=props,
             )
-            result.statuses += message.kind == "status"
+            statuses += message.kind == "status"
+        counts = PublishCounts()
+        if devices is not None:
+            if not devices.close():
+                result.errors.append(f"worker {part}: device connections did not all close cleanly")
+            counts.add(devices.counts)
+            statuses += devices.statuses
+            result.wills = devices.wills
         if not publisher.drain():
             result.errors.append(
                 f"worker {part}: {publisher.counts.unacked} QoS 1 messages unacknowledged "
                 "at the deadline"
             )
-        result.counts = publisher.counts
+        counts.add(publisher.counts)
+        result.counts = counts
+        result.statuses = statuses
     if progress is not None:
         progress(sent, sim.now - options.start)
     result.sim_seconds = sim.now - options.start
@@ -392,6 +478,8 @@ def _run_workers(
                 pending.discard(part)
                 total.counts.add(payload.counts)
                 total.statuses += payload.statuses
+                total.wills += payload.wills
+                total.device_connections += payload.device_connections
                 total.sim_seconds = max(total.sim_seconds, payload.sim_seconds)
                 total.rss_peak_mb.extend(payload.rss_peak_mb)
                 total.interrupted |= payload.interrupted

@@ -9,9 +9,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import orjson
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -19,6 +22,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from cityops.settings import MqttEndpoint
 from simulators.model import CityModel, load_city
+from simulators.mqtt import MqttPublisher
+
+CITIES = Path(__file__).parents[2] / "simulators" / "cities"
 
 WEDNESDAY = 1_780_412_400.0
 """Wednesday 2026-06-03 00:00 JST: a fixed simulated midnight for pattern tests."""
@@ -117,3 +123,56 @@ def collect(endpoint: MqttEndpoint) -> Iterator[Callable[..., Collector]]:
     yield make
     for collector in collectors:
         collector.close()
+
+
+@pytest.fixture
+def city(
+    tmp_path: Path, clear_retained: Callable[[Iterable[str]], None]
+) -> tuple[Path, tuple[str, str]]:
+    """The test city with district names unique to this test (so topics are too).
+
+    The retained statuses of its 50 devices are deleted after the test.
+    """
+    suffix = uuid.uuid4().hex[:6]
+    text = (CITIES / "testville.yaml").read_text()
+    text = text.replace("kita", f"kita{suffix}").replace("minami", f"minami{suffix}")
+    path = tmp_path / "city.yaml"
+    path.write_text(text)
+    clear_retained(d.status_topic for d in load_city(str(path)).devices)
+    return path, (f"kita{suffix}", f"minami{suffix}")
+
+
+def json_line(out: str) -> dict[str, Any]:
+    """The final JSON line a command printed."""
+    result: dict[str, Any] = orjson.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def status_filters(city: tuple[Path, tuple[str, str]]) -> tuple[str, ...]:
+    """Topic filters of every status topic of a ``city`` fixture."""
+    return tuple(f"city/+/{district}/+/status" for district in city[1])
+
+
+def presence(messages: Iterable[Received], *, retained_only: bool = False) -> dict[str, Any]:
+    """The last ``(state, session)`` per status topic (an empty payload clears it)."""
+    latest: dict[str, Any] = {}
+    for m in messages:
+        if not m.topic.endswith("/status") or (retained_only and not m.retain):
+            continue
+        if m.payload:
+            doc = orjson.loads(m.payload)
+            latest[m.topic] = (doc["state"], doc["session"])
+        else:
+            latest.pop(m.topic, None)
+    return latest
+
+
+@pytest.fixture
+def clear_retained(endpoint: MqttEndpoint) -> Iterator[Callable[[Iterable[str]], None]]:
+    """Register status topics; their retained messages are deleted after the test."""
+    topics: set[str] = set()
+    yield topics.update
+    if topics:
+        with MqttPublisher(endpoint, client_id=f"test-clear-{uuid.uuid4().hex[:8]}") as publisher:
+            for topic in sorted(topics):
+                publisher.publish(topic, b"", qos=1, retain=True)

@@ -7,38 +7,19 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 
 from cityops.settings import MqttEndpoint
-from simulators import RecordedMessage, RecordingReader, RecordingWriter
+from simulators import RecordedMessage, RecordingReader, RecordingWriter, load_city, scale_city
 from simulators.cli import main
 from simulators.mqtt import MqttPublisher
 from simulators.recorder import Recorder
 
-from .conftest import Collector
-
-CITIES = Path(__file__).parents[2] / "simulators" / "cities"
-
-
-@pytest.fixture
-def city(tmp_path: Path) -> tuple[Path, tuple[str, str]]:
-    """The test city with district names unique to this test (so topics are too)."""
-    suffix = uuid.uuid4().hex[:6]
-    text = (CITIES / "testville.yaml").read_text()
-    text = text.replace("kita", f"kita{suffix}").replace("minami", f"minami{suffix}")
-    path = tmp_path / "city.yaml"
-    path.write_text(text)
-    return path, (f"kita{suffix}", f"minami{suffix}")
-
-
-def _json_line(out: str) -> dict[str, Any]:
-    result: dict[str, Any] = orjson.loads(out.strip().splitlines()[-1])
-    return result
+from .conftest import Collector, json_line
 
 
 def _simulate(mqtt_url: str, city: Path, *extra: str) -> list[str]:
@@ -62,12 +43,14 @@ def test_simulate_publishes_and_counts(
     path, (kita, minami) = city
     collector = collect(f"city/+/{kita}/#", f"city/+/{minami}/#")
     code = main(_simulate(mqtt_url, path, "--duration", "3m"))
-    summary = _json_line(capsys.readouterr().out)
+    summary = json_line(capsys.readouterr().out)
     assert code == 0
     assert summary["ok"] is True
     assert summary["published"]["1"] == summary["acked"]["1"] > 0
     assert summary["published"]["0"] > 0  # streetlights publish QoS 0
-    assert summary["statuses"] == 2 * 50
+    assert summary["statuses"] == 2 * 50  # online, then offline at the clean stop
+    assert summary["wills"] == 0
+    assert summary["presence"] == "device-connections"
     total = summary["published"]["0"] + summary["published"]["1"]
     collector.wait_for(lambda ms: len(ms) >= total)
     status = [m for m in collector.messages if m.topic.endswith("/status")]
@@ -97,7 +80,7 @@ def _record_a_run(
         Recorder(endpoint, writer, topics=(f"city/+/{kita}/#", f"city/+/{minami}/#")) as rec,
     ):
         assert main(_simulate(mqtt_url, path, "--duration", "2m", "--scenario", "faults")) == 0
-        total = int(sum(_json_line(capsys.readouterr().out)["published"].values()))
+        total = int(sum(json_line(capsys.readouterr().out)["published"].values()))
         assert rec.wait_received(total, timeout_s=20.0)
         assert rec.received == total
     return total
@@ -131,7 +114,7 @@ def test_record_then_replay_round_trip_and_isolation(
             run_id,
         ]
     )
-    summary = _json_line(capsys.readouterr().out)
+    summary = json_line(capsys.readouterr().out)
     assert code == 0
     assert summary["published"] == total
     sandbox.wait_for(lambda ms: len(ms) >= total)
@@ -184,7 +167,7 @@ def test_live_drill_window_and_time_shift(
         run_id,
     ]
     code = main([*args, "--from", "2s", "--to", "5s"])
-    summary = _json_line(capsys.readouterr().out)
+    summary = json_line(capsys.readouterr().out)
     assert code == 0
     assert summary["live"] is True
     assert summary["published"] == 3
@@ -208,14 +191,20 @@ def test_replay_of_a_truncated_recording(
     with out.open("r+b") as handle:
         handle.truncate(out.stat().st_size - 7)
     code = main(["replay", str(out), "--mqtt-url", mqtt_url, "--speed", "0", "--keep-time"])
-    summary = _json_line(capsys.readouterr().out)
+    summary = json_line(capsys.readouterr().out)
     assert code == 0
     assert summary["truncated_tail"] is True
     assert 0 < summary["published"] < full
 
 
-def test_load_generator_with_workers(mqtt_url: str, city: tuple[Path, tuple[str, str]]) -> None:
+def test_load_generator_with_workers(
+    mqtt_url: str,
+    city: tuple[Path, tuple[str, str]],
+    clear_retained: Callable[[Iterable[str]], None],
+) -> None:
     path, _ = city
+    # Scaled districts are not unique to this test: delete their retained statuses.
+    clear_retained(d.status_topic for d in scale_city(load_city(str(path)), 2000).devices)
     proc = subprocess.run(
         [
             sys.executable,
@@ -243,9 +232,11 @@ def test_load_generator_with_workers(mqtt_url: str, city: tuple[Path, tuple[str,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = _json_line(proc.stdout)
+    summary = json_line(proc.stdout)
     assert summary["workers"] == 2
     assert summary["devices"] == 2000
+    assert summary["presence"] == "device-connections"
+    assert summary["device_connections"] == 2000
     assert summary["published"]["1"] == summary["acked"]["1"]
     assert summary["readings"] + summary["statuses"] == sum(summary["published"].values())
     # 3,000 msg/s for 2 s, plus the offline statuses of a clean stop
