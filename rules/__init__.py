@@ -1,1 +1,93 @@
 """cityops rules package."""
+
+from rules.alerts import (
+    ACTIONS,
+    ALLOWED,
+    OPEN_STATES,
+    STATES,
+    SYSTEM,
+    Action,
+    Actor,
+    Alert,
+    AlertEvent,
+    AlertSource,
+    AlertState,
+)
+from rules.baseline import BaselineBank, hour_of_week
+from rules.durations import format_duration, parse_duration
+from rules.engine import AlertSignal, Clock, Evaluator, EvaluatorOptions, SignalKind
+from rules.errors import (
+    ExpressionError,
+    ForbiddenTransition,
+    LifecycleError,
+    NotPermitted,
+    RuleFileError,
+    RulesError,
+    VersionConflict,
+)
+from rules.expr import parse_expression
+from rules.flood import FloodGrouper, Incident
+from rules.kinds import DEFAULT_KIND_PREFIXES, KindResolver, prefix_kind_resolver
+from rules.lifecycle import AlertLifecycle
+from rules.loader import RuleSet, load_rules_text
+from rules.model import (
+    ROLES,
+    SEVERITIES,
+    CorrelateCondition,
+    Correlation,
+    EscalationStep,
+    Role,
+    Rule,
+    Severity,
+    Subject,
+)
+from rules.window import SeriesWindow
+
+__all__ = [
+    "ACTIONS",
+    "ALLOWED",
+    "DEFAULT_KIND_PREFIXES",
+    "OPEN_STATES",
+    "ROLES",
+    "SEVERITIES",
+    "STATES",
+    "SYSTEM",
+    "Action",
+    "Actor",
+    "Alert",
+    "AlertEvent",
+    "AlertLifecycle",
+    "AlertSignal",
+    "AlertSource",
+    "AlertState",
+    "BaselineBank",
+    "Clock",
+    "CorrelateCondition",
+    "Correlation",
+    "EscalationStep",
+    "Evaluator",
+    "EvaluatorOptions",
+    "ExpressionError",
+    "FloodGrouper",
+    "ForbiddenTransition",
+    "Incident",
+    "KindResolver",
+    "LifecycleError",
+    "NotPermitted",
+    "Role",
+    "Rule",
+    "RuleFileError",
+    "RuleSet",
+    "RulesError",
+    "SeriesWindow",
+    "Severity",
+    "SignalKind",
+    "Subject",
+    "VersionConflict",
+    "format_duration",
+    "hour_of_week",
+    "load_rules_text",
+    "parse_duration",
+    "parse_expression",
+    "prefix_kind_resolver",
+]
