@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cityops.db import migrate
 from cityops.errors import CityopsError
-from cityops.runtime import embedded_broker, embedded_postgres, service_urls
+from cityops.runtime import embedded_broker, embedded_postgres, rules_path, service_urls
 from cityops.settings import MqttEndpoint, Settings
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ async def _serve(mqtt_url: str, database_url: str, args: argparse.Namespace) -> 
         database_url=database_url,
         client_id="cityops-ingest-up",
         metrics_port=args.metrics_port,
+        rules_path=rules_path(Settings.from_env()),
     )
     env = {**os.environ, "CITYOPS_MQTT_URL": mqtt_url, "CITYOPS_DATABASE_URL": database_url}
     async with stop_on_signals() as stop, IngestService(config) as ingest:

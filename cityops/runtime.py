@@ -19,6 +19,14 @@ def embedded_postgres(settings: Settings) -> EmbeddedPostgres:
     return EmbeddedPostgres(Path(settings.data_dir) / "postgres")
 
 
+DEFAULT_RULES = Path(__file__).resolve().parent.parent / "rules" / "default"
+
+
+def rules_path(settings: Settings) -> Path:
+    """``CITYOPS_RULES``, else the rules shipped for the simulated city."""
+    return settings.rules_path or DEFAULT_RULES
+
+
 def broker_url(settings: Settings) -> str:
     """The MQTT URL: from the environment, else the running embedded broker.
 

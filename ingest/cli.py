@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+from pathlib import Path
 
-from cityops.runtime import service_urls
+from cityops.runtime import rules_path, service_urls
 from cityops.settings import MqttEndpoint, Settings
 from ingest.decode import DEFAULT_LIMITS, DecodeLimits
 from ingest.mqtt import MqttOptions
@@ -52,6 +53,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="do not subscribe to cityops/replay/# (replays are then not stored)",
     )
+    p.add_argument(
+        "--rules",
+        type=Path,
+        help="rules file or folder to evaluate on the stream (default: CITYOPS_RULES, "
+        "else the shipped rules for the simulated city)",
+    )
+    p.add_argument("--no-rules", action="store_true", help="store readings only, raise no alerts")
     p.add_argument("--max-payload-bytes", type=int, default=DEFAULT_LIMITS.max_payload_bytes)
     p.add_argument(
         "--max-past-s",
@@ -97,6 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         ),
         mqtt_options=MqttOptions(client_id=client_id),
         replay=not args.no_replay_sandbox,
+        rules_path=None if args.no_rules else (args.rules or rules_path(settings)),
     )
     asyncio.run(run_ingest(config))
     return 0

@@ -13,6 +13,8 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 from prometheus_client import start_http_server
@@ -25,6 +27,9 @@ from ingest.mqtt import InboundMessage, ManualAckClient, MqttOptions
 from ingest.pipeline import REPLAY_PREFIX, IngestPipeline, PipelineOptions
 from ingest.presence import StalenessMonitor, StalenessOptions, StalenessService
 from ingest.store import ReadingStore, StoreOptions
+
+if TYPE_CHECKING:
+    from rules.service import AlertService
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +76,8 @@ class IngestConfig:
     shutdown_timeout_s: float = 30.0
     replay: bool = True
     """Also store replayed traffic (``cityops/replay/#``) in the replay sandbox."""
+    rules_path: Path | None = None
+    """Evaluate these rules on the committed stream (None: no rules engine)."""
 
     @property
     def subscriptions(self) -> list[str]:
@@ -107,6 +114,22 @@ class IngestService:
         )
         self.client: ManualAckClient | None = None
         self._writers: list[asyncio.Task[None]] = []
+        self.alerts: AlertService | None = None
+        self._alerts_task: asyncio.Task[None] | None = None
+        if config.rules_path is not None:
+            # Imported here: rules builds on ingest, not the other way round.
+            from rules.loader import RuleSet  # noqa: PLC0415
+            from rules.service import AlertService, MqttAlertPublisher  # noqa: PLC0415
+            from rules.store import AlertStore  # noqa: PLC0415
+
+            self.alerts = AlertService(
+                RuleSet.load(config.rules_path),
+                store=AlertStore(config.database_url),
+                publisher=MqttAlertPublisher(config.mqtt, client_id=f"{config.client_id}-alerts"),
+                database_url=config.database_url,
+            )
+            self.pipeline.add_sink(self.alerts)
+            self.replay_pipeline.add_sink(self.alerts)
 
     async def __aenter__(self) -> IngestService:
         cfg = self.config
@@ -124,6 +147,12 @@ class IngestService:
         self._staleness_task = asyncio.create_task(
             self._staleness_service.run(), name="ingest-staleness"
         )
+        if self.alerts is not None:
+            try:
+                await self.alerts.start()
+            except Exception as exc:
+                log.warning("rules start without history: %s", exc)
+            self._alerts_task = asyncio.create_task(self.alerts.run(), name="alerts")
         self._writers = [
             asyncio.create_task(self.pipeline.run(), name="ingest-writer"),
             asyncio.create_task(self.replay_pipeline.run(), name="ingest-replay-writer"),
@@ -171,6 +200,16 @@ class IngestService:
         if self.client is not None:
             await self.client.close()
             self.client = None
+        if self._alerts_task is not None:
+            self._alerts_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._alerts_task
+            self._alerts_task = None
+        if self.alerts is not None:
+            await self.alerts.store.close()
+            closer = getattr(self.alerts.publisher, "close", None)
+            if closer is not None:
+                await closer()
         if self._staleness_task is not None:
             self._staleness_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

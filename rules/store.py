@@ -1,0 +1,209 @@
+"""Alerts in TimescaleDB: the truth about every alert and its transitions.
+
+Each transition is one transaction: the alert row (inserted, or updated under
+an optimistic version check) and its ``alert_events`` row. The partial unique
+index ``alerts_one_open`` keeps one open alert per (rule, subject, source,
+run); a second instance that races to open the same alert gets
+``AlertAlreadyOpen`` with the winner, and counts an occurrence on it instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+
+from rules.alerts import Alert, AlertEvent
+from rules.errors import RulesError, VersionConflict
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(Alert))
+_TIMES = frozenset(
+    {
+        "raised_at",
+        "updated_at",
+        "acked_at",
+        "cleared_at",
+        "closed_at",
+        "unacked_since",
+        "shelved_until",
+    }
+)
+_INSERT = (
+    f"INSERT INTO alerts ({', '.join(_FIELDS)}, run_id)"
+    f" VALUES ({', '.join(['%s'] * len(_FIELDS))}, %s)"
+)
+_UPDATE = (
+    "UPDATE alerts SET "
+    + ", ".join(f"{f} = %s" for f in _FIELDS if f != "id")
+    + " WHERE id = %s AND version = %s"
+)
+_EVENT = (
+    "INSERT INTO alert_events (alert_id, version, action, from_state, to_state, actor, at,"
+    " note, notify) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+
+
+class AlertStoreError(RulesError):
+    """The alert store failed (database unreachable or refused the write)."""
+
+
+class AlertAlreadyOpen(RulesError):
+    """Another writer opened the same (rule, subject) alert first."""
+
+    def __init__(self, current: Alert) -> None:
+        super().__init__(f"alert for {current.subject!r} is already open as {current.id!r}")
+        self.current = current
+
+
+def _to_db(name: str, value: Any) -> Any:
+    if name in _TIMES and value is not None:
+        return datetime.fromtimestamp(value, UTC)
+    return value
+
+
+def _from_row(row: dict[str, Any]) -> Alert:
+    values = {}
+    for name in _FIELDS:
+        value = row[name]
+        if isinstance(value, datetime):
+            value = value.timestamp()
+        values[name] = value
+    return Alert(**values)
+
+
+class AlertStore:
+    """Reads and writes alerts; one connection, reopened after failures."""
+
+    def __init__(self, conninfo: str, *, connect_timeout_s: float = 5.0) -> None:
+        self._conninfo = conninfo
+        self._connect_timeout_s = connect_timeout_s
+        self._conn: AsyncConnection[dict[str, Any]] | None = None
+
+    async def _connection(self) -> AsyncConnection[dict[str, Any]]:
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = await AsyncConnection.connect(
+                    self._conninfo,
+                    row_factory=dict_row,
+                    connect_timeout=max(1, int(self._connect_timeout_s)),
+                )
+            except psycopg.Error as exc:
+                msg = f"cannot connect to the database: {exc}"
+                raise AlertStoreError(msg) from exc
+        return self._conn
+
+    async def close(self) -> None:
+        """Close the connection."""
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _query(self, query: str, params: tuple[object, ...]) -> list[dict[str, Any]]:
+        conn = await self._connection()
+        try:
+            cur = await conn.execute(query.encode(), params)
+            rows = await cur.fetchall()
+            await conn.commit()
+        except psycopg.Error as exc:
+            if conn.broken:
+                self._conn = None
+            msg = f"alert query failed: {exc}"
+            raise AlertStoreError(msg) from exc
+        return rows
+
+    async def get(self, alert_id: str) -> Alert | None:
+        """One alert by id."""
+        rows = await self._query("SELECT * FROM alerts WHERE id = %s", (alert_id,))
+        return _from_row(rows[0]) if rows else None
+
+    async def open_alerts(self) -> list[Alert]:
+        """Every alert that is not closed."""
+        rows = await self._query(
+            "SELECT * FROM alerts WHERE state <> 'closed' ORDER BY raised_at", ()
+        )
+        return [_from_row(r) for r in rows]
+
+    async def events(self, alert_id: str) -> list[dict[str, Any]]:
+        """The transitions of one alert, oldest first."""
+        return await self._query(
+            "SELECT * FROM alert_events WHERE alert_id = %s ORDER BY version", (alert_id,)
+        )
+
+    async def save(
+        self, before: Alert | None, after: Alert, event: AlertEvent, *, run_id: str | None = None
+    ) -> None:
+        """Write one transition: the alert row and its event, atomically.
+
+        Raises:
+            AlertAlreadyOpen: ``before`` is None and that alert is already open.
+            VersionConflict: the stored alert is no longer at ``before.version``.
+            AlertStoreError: the database failed.
+        """
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                if before is None:
+                    try:
+                        async with conn.transaction():
+                            await conn.execute(
+                                _INSERT,
+                                [*(_to_db(f, getattr(after, f)) for f in _FIELDS), run_id],
+                            )
+                    except psycopg.errors.UniqueViolation:
+                        cur = await conn.execute(
+                            "SELECT * FROM alerts WHERE rule_id = %s AND subject = %s"
+                            " AND source = %s AND run_id IS NOT DISTINCT FROM %s"
+                            " AND state <> 'closed'",
+                            (after.rule_id, after.subject, after.source, run_id),
+                        )
+                        row = await cur.fetchone()
+                        if row is None:
+                            raise
+                        raise AlertAlreadyOpen(_from_row(row)) from None
+                else:
+                    cur = await conn.execute(
+                        _UPDATE,
+                        [
+                            *(_to_db(f, getattr(after, f)) for f in _FIELDS if f != "id"),
+                            after.id,
+                            before.version,
+                        ],
+                    )
+                    if cur.rowcount != 1:
+                        current = await self._get_in(conn, after.id)
+                        raise VersionConflict(
+                            after.id,
+                            before.version,
+                            current.version if current else -1,
+                            current.acked_by if current else None,
+                            current.acked_at if current else None,
+                        )
+                await conn.execute(
+                    _EVENT,
+                    (
+                        event.alert_id,
+                        event.version,
+                        event.action,
+                        event.from_state,
+                        event.to_state,
+                        event.actor,
+                        datetime.fromtimestamp(event.at, UTC),
+                        event.note,
+                        event.notify,
+                    ),
+                )
+        except psycopg.Error as exc:
+            if conn.broken:
+                self._conn = None
+            msg = f"alert {after.id!r} not saved: {exc}"
+            raise AlertStoreError(msg) from exc
+
+    @staticmethod
+    async def _get_in(conn: AsyncConnection[dict[str, Any]], alert_id: str) -> Alert | None:
+        cur = await conn.execute("SELECT * FROM alerts WHERE id = %s", (alert_id,))
+        row = await cur.fetchone()
+        return None if row is None else _from_row(row)
