@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +36,8 @@ from ingest.batch import CommittedBatch
 from ingest.model import DeviceRef, Reading
 from rules.alerts import Alert, AlertEvent, AlertSource
 from rules.engine import AlertSignal, Evaluator
-from rules.errors import LifecycleError, VersionConflict
+from rules.errors import LifecycleError, RulesError, VersionConflict
+from rules.flood import FloodGrouper
 from rules.lifecycle import AlertLifecycle
 from rules.loader import RuleSet
 from rules.store import AlertAlreadyOpen, AlertStore, AlertStoreError
@@ -155,6 +157,8 @@ class AlertService:
         self._pending: collections.deque[tuple[AlertSignal, AlertSource]] = collections.deque()
         self._wake = asyncio.Event()
         self.applied = 0
+        self.floods = {"live": FloodGrouper(), "replay": FloodGrouper(), "drill": FloodGrouper()}
+        self._reload_error: str | None = None
 
     # -- sink (on the event loop, right after a commit) ----------------------
 
@@ -220,6 +224,7 @@ class AlertService:
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + self.options.tick_interval_s
+                await self._reload_if_changed()
                 self._pending.extend((s, "live") for s in self.evaluator.tick())
                 self._pending.extend((s, "replay") for s in self.replay_evaluator.tick())
                 await self._advance_timers()
@@ -302,7 +307,60 @@ class AlertService:
                 self._open[key] = after
             self.applied += 1
             await self.publisher.publish(after, event)
+            if existing is None or existing.id != after.id:
+                await self._group(after)
             return True
+
+    async def _group(self, alert: Alert) -> None:
+        """Flood control: more than 10 raises in 10 minutes in a district → one incident."""
+        assignments = self.floods[alert.source].observe(alert.id, alert.district, alert.raised_at)
+        if not assignments:
+            return
+        incident_id = assignments[0][1]
+        ids = [alert_id for alert_id, _ in assignments]
+        incident = self.floods[alert.source].incident(alert.district)
+        opened_at = incident.opened_at if incident is not None else alert.raised_at
+        backoff = Backoff(self.options.retry_initial_s, self.options.retry_max_s)
+        while True:
+            try:
+                await self.store.assign_incident(
+                    incident_id,
+                    district=alert.district,
+                    opened_at=opened_at,
+                    source=alert.source,
+                    alert_ids=ids,
+                )
+                break
+            except AlertStoreError as exc:
+                delay = backoff.next_delay()
+                log.warning("incident not saved (%s); retry in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+        grouped = set(ids)
+        for key, cached in self._open.items():
+            if cached.id in grouped:
+                self._open[key] = dataclasses.replace(cached, incident_id=incident_id)
+        if len(ids) > 1:
+            log.warning(
+                "alert flood in %s: %d alerts grouped as incident %s",
+                alert.district,
+                len(ids),
+                incident_id,
+            )
+
+    async def _reload_if_changed(self) -> None:
+        """Hot reload: a changed rule file is loaded; a bad one keeps the running rules."""
+        if not self.rules.changed():
+            return
+        try:
+            rules = RuleSet.load(self.rules.path)
+        except RulesError as exc:
+            if str(exc) != self._reload_error:
+                self._reload_error = str(exc)
+                log.error("rules not reloaded, the previous rules keep running: %s", exc)
+            return
+        self._reload_error = None
+        await self.reload(rules)
+        log.info("rules reloaded from %s: %d rules", rules.path, len(rules.rules))
 
     async def reload(self, rules: RuleSet) -> None:
         """Use a new rule set; state of unchanged rules is kept."""

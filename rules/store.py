@@ -202,6 +202,34 @@ class AlertStore:
             msg = f"alert {after.id!r} not saved: {exc}"
             raise AlertStoreError(msg) from exc
 
+    async def assign_incident(
+        self,
+        incident_id: str,
+        *,
+        district: str,
+        opened_at: float,
+        source: str,
+        alert_ids: list[str],
+    ) -> None:
+        """Group alerts under an incident (flood control); not a lifecycle transition."""
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "INSERT INTO incidents (id, district, opened_at, source)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                    (incident_id, district, datetime.fromtimestamp(opened_at, UTC), source),
+                )
+                await conn.execute(
+                    "UPDATE alerts SET incident_id = %s WHERE id = ANY(%s)",
+                    (incident_id, alert_ids),
+                )
+        except psycopg.Error as exc:
+            if conn.broken:
+                self._conn = None
+            msg = f"incident {incident_id!r} not saved: {exc}"
+            raise AlertStoreError(msg) from exc
+
     @staticmethod
     async def _get_in(conn: AsyncConnection[dict[str, Any]], alert_id: str) -> Alert | None:
         cur = await conn.execute("SELECT * FROM alerts WHERE id = %s", (alert_id,))
