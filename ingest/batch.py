@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from ingest.model import DeadLetter, Presence, Reading
+
+BatchSource = Literal["live", "replay", "drill"]
 
 
 @dataclass(slots=True)
@@ -54,8 +56,8 @@ class CommittedBatch:
     presences: tuple[Presence, ...]
     dead_letters: tuple[DeadLetter, ...]
     committed_at: float
-    replay: bool = False
-    """True for the replay sandbox: evaluated as a replay, never paging anyone."""
+    source: BatchSource = "live"
+    """``replay`` (the sandbox) or ``drill`` (a live-namespace replay): never pages anyone."""
 
 
 class BatchSink(Protocol):

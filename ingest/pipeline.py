@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cityops.backoff import Backoff
-from ingest.batch import Batch, BatchSink, CommittedBatch
+from ingest.batch import Batch, BatchSink, BatchSource, CommittedBatch
 from ingest.decode import DecodeLimits, decode_message
 from ingest.errors import DecodeError, StorageUnavailable
 from ingest.metrics import IngestMetrics
@@ -98,6 +98,7 @@ class IngestPipeline:
         limits: DecodeLimits | None = None,
         metrics: IngestMetrics | None = None,
         sinks: Sequence[BatchSink] = (),
+        drill: bool = False,
     ) -> None:
         self._store = store
         self._options = options or PipelineOptions()
@@ -111,6 +112,9 @@ class IngestPipeline:
         self._wake = asyncio.Event()
         self._stopping = False
         self._sandbox = store.sandbox
+        self._batch_source: BatchSource = (
+            "replay" if store.sandbox else ("drill" if drill else "live")
+        )
 
     def attach(self, source: AckingSource) -> None:
         """Set the client whose messages this pipeline acknowledges."""
@@ -273,7 +277,7 @@ class IngestPipeline:
             presences=tuple(batch.presences),
             dead_letters=(*batch.dead_letters, *result.rejected),
             committed_at=time.time(),
-            replay=self._sandbox,
+            source=self._batch_source,
         )
         for sink in self._sinks:
             try:

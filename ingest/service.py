@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 READINGS_FILTER = "city/#"
 REPLAY_FILTER = "cityops/replay/#"
+DRILL_PROPERTY = "cityops-drill"
+"""MQTT 5 user property of a replay into the live namespace (``cityops replay --live``)."""
 
 
 @dataclass(slots=True)
@@ -112,6 +114,16 @@ class IngestService:
             metrics=IngestMetrics(registry=self.metrics.registry, prefix="cityops_replay_"),
             sinks=sinks,
         )
+        # A drill (a replay into the live namespace) is stored in the live
+        # tables, but reaches the sinks marked as a drill: it never pages.
+        self.drill_pipeline = IngestPipeline(
+            store=ReadingStore(config.database_url, config.store),
+            options=config.pipeline,
+            limits=config.limits,
+            metrics=IngestMetrics(registry=self.metrics.registry, prefix="cityops_drill_"),
+            sinks=sinks,
+            drill=True,
+        )
         self.client: ManualAckClient | None = None
         self._writers: list[asyncio.Task[None]] = []
         self.alerts: AlertService | None = None
@@ -128,8 +140,12 @@ class IngestService:
                 publisher=MqttAlertPublisher(config.mqtt, client_id=f"{config.client_id}-alerts"),
                 database_url=config.database_url,
             )
-            self.pipeline.add_sink(self.alerts)
-            self.replay_pipeline.add_sink(self.alerts)
+            for pipeline in self._pipelines:
+                pipeline.add_sink(self.alerts)
+
+    @property
+    def _pipelines(self) -> tuple[IngestPipeline, ...]:
+        return (self.pipeline, self.replay_pipeline, self.drill_pipeline)
 
     async def __aenter__(self) -> IngestService:
         cfg = self.config
@@ -156,11 +172,19 @@ class IngestService:
         self._writers = [
             asyncio.create_task(self.pipeline.run(), name="ingest-writer"),
             asyncio.create_task(self.replay_pipeline.run(), name="ingest-replay-writer"),
+            asyncio.create_task(self.drill_pipeline.run(), name="ingest-drill-writer"),
         ]
-        live, replay = self.pipeline.on_message, self.replay_pipeline.on_message
+        live = self.pipeline.on_message
+        replay = self.replay_pipeline.on_message
+        drill = self.drill_pipeline.on_message
 
         def route(msg: InboundMessage) -> None:
-            (replay if msg.topic.startswith(REPLAY_PREFIX) else live)(msg)
+            if msg.topic.startswith(REPLAY_PREFIX):
+                replay(msg)
+            elif msg.user_properties and any(k == DRILL_PROPERTY for k, _ in msg.user_properties):
+                drill(msg)
+            else:
+                live(msg)
 
         options = cfg.mqtt_options or MqttOptions(client_id=cfg.client_id)
         self.client = ManualAckClient(
@@ -173,6 +197,7 @@ class IngestService:
         holds: set[str] = set()
         self.pipeline.attach(_SharedSource(self.client, holds, "live"))
         self.replay_pipeline.attach(_SharedSource(self.client, holds, "replay"))
+        self.drill_pipeline.attach(_SharedSource(self.client, holds, "drill"))
         await self.client.__aenter__()
         log.info("ingesting %s from %s", ", ".join(cfg.subscriptions), cfg.mqtt.url)
         return self
@@ -182,8 +207,8 @@ class IngestService:
 
     async def shutdown(self) -> None:
         """Flush, commit, acknowledge, disconnect."""
-        self.pipeline.stop()
-        self.replay_pipeline.stop()
+        for pipeline in self._pipelines:
+            pipeline.stop()
         if self._writers:
             try:
                 async with asyncio.timeout(self.config.shutdown_timeout_s):
@@ -217,6 +242,7 @@ class IngestService:
             self._staleness_task = None
         await self.store.close()
         await self.replay_pipeline.close_store()
+        await self.drill_pipeline.close_store()
 
     async def wait_connected(self, timeout_s: float = 10.0) -> None:
         """Wait until the broker connection is up."""

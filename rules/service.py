@@ -146,7 +146,12 @@ class AlertService:
         self.options = options or AlertServiceOptions()
         self.rules = rules
         self.evaluator = Evaluator(rules, self.clock)
-        self.replay_evaluator = Evaluator(rules, self.clock)
+        # Replays and drills have windows of their own: they never mix with live state.
+        self._evaluators: dict[AlertSource, Evaluator] = {
+            "live": self.evaluator,
+            "replay": Evaluator(rules, self.clock),
+            "drill": Evaluator(rules, self.clock),
+        }
         self.lifecycle = AlertLifecycle(rules.rules, clock=self.clock)
         self.store = store
         self.publisher = publisher
@@ -164,9 +169,8 @@ class AlertService:
 
     def on_batch(self, batch: CommittedBatch) -> None:
         """Evaluate a committed batch; its signals are applied by ``run``."""
-        evaluator = self.replay_evaluator if batch.replay else self.evaluator
-        source: AlertSource = "replay" if batch.replay else "live"
-        signals = evaluator.on_batch(batch)
+        source: AlertSource = batch.source
+        signals = self._evaluators[source].on_batch(batch)
         if signals:
             self._pending.extend((s, source) for s in signals)
             self._wake.set()
@@ -225,8 +229,8 @@ class AlertService:
             if now >= next_tick:
                 next_tick = now + self.options.tick_interval_s
                 await self._reload_if_changed()
-                self._pending.extend((s, "live") for s in self.evaluator.tick())
-                self._pending.extend((s, "replay") for s in self.replay_evaluator.tick())
+                for source, evaluator in self._evaluators.items():
+                    self._pending.extend((s, source) for s in evaluator.tick())
                 await self._advance_timers()
                 continue
             self._wake.clear()
@@ -365,7 +369,7 @@ class AlertService:
     async def reload(self, rules: RuleSet) -> None:
         """Use a new rule set; state of unchanged rules is kept."""
         self.rules = rules
-        self._pending.extend((s, "live") for s in self.evaluator.replace_rules(rules))
-        self._pending.extend((s, "replay") for s in self.replay_evaluator.replace_rules(rules))
+        for source, evaluator in self._evaluators.items():
+            self._pending.extend((s, source) for s in evaluator.replace_rules(rules))
         self.lifecycle.replace_rules(rules.rules)
         self._wake.set()

@@ -175,3 +175,43 @@ async def test_unacknowledged_alert_escalates_after_ack_timeout(
         )
         await _until(lambda: len(_rows(database_url, query, device)) == 2)
     assert _rows(database_url, query, device) == [("raise", "operator"), ("escalate", "engineer")]
+
+
+async def test_a_drill_is_stored_live_but_its_alerts_never_page(
+    ingest_service: ServiceFactory, mqtt_url: str, database_url: str, tmp_path: Path
+) -> None:
+    from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
+    from paho.mqtt.properties import Properties  # noqa: PLC0415
+
+    from tests.mqtt_helpers import Publisher  # noqa: PLC0415
+
+    rules_file = tmp_path / "r.yaml"
+    rules_file.write_text(LOW.format(threshold=2, ack_timeout="1s"))
+    device = f"tank-{uuid.uuid4().hex[:6]}"
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props.UserProperty = ("cityops-drill", "drill-1")
+    async with ingest_service(rules_path=rules_file):
+        with Publisher(mqtt_url) as pub:
+            pub.publish(
+                [(f"city/facility/kita/{device}", orjson.dumps({"ts": time.time(), "level": 1.0}))],
+                properties=props,
+            )
+            pub.wait_acked()
+        query = "SELECT source, state FROM alerts WHERE device_id = %s"
+        await _until(lambda: len(_rows(database_url, query, device)) == 1)
+        await asyncio.sleep(1.5)  # past the ack timeout: a suppressed drill alert never escalates
+    assert _rows(database_url, query, device) == [("drill", "suppressed")]
+    events = _rows(
+        database_url,
+        "SELECT e.action, e.notify FROM alert_events e JOIN alerts a ON a.id = e.alert_id"
+        " WHERE a.device_id = %s",
+        device,
+    )
+    assert events == [("raise", None)]
+    stored = _rows(
+        database_url,
+        "SELECT count(*) FROM readings r JOIN series s ON s.id = r.series_id"
+        " WHERE s.device_id = %s",
+        device,
+    )
+    assert stored == [(1,)]
