@@ -15,6 +15,7 @@ from cityops.db import migrate
 from cityops.errors import CityopsError
 from cityops.runtime import embedded_broker, embedded_postgres, rules_path, service_urls
 from cityops.settings import MqttEndpoint, Settings
+from rules.errors import RulesError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def _up(args: argparse.Namespace) -> int:
             if applied:
                 log.info("migrations applied: %s", ", ".join(applied))
             asyncio.run(_serve(mqtt_url, database_url, args))
-    except CityopsError as exc:
+    except (CityopsError, RulesError) as exc:
         print(f"cityops up: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -83,7 +83,12 @@ def migrate(conninfo: str) -> list[str]:
             than this cityops, or a migration failed (its transaction is rolled back).
     """
     done: list[str] = []
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    try:
+        conn = psycopg.connect(conninfo, autocommit=True)
+    except psycopg.Error as exc:
+        msg = f"cannot connect to the database: {exc}"
+        raise MigrationError(msg) from exc
+    with conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
             _ensure_table(conn)

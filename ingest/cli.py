@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+import sys
 from pathlib import Path
 
+from cityops.errors import CityopsError
 from cityops.runtime import rules_path, service_urls
 from cityops.settings import MqttEndpoint, Settings
 from ingest.decode import DEFAULT_LIMITS, DecodeLimits
 from ingest.mqtt import MqttOptions
 from ingest.pipeline import PipelineOptions
 from ingest.service import IngestConfig, run_ingest
+from rules.errors import RulesError
 
 _PIPELINE = PipelineOptions()
 
@@ -83,6 +86,14 @@ def default_client_id(group: str | None) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:
+        return _run_checked(args)
+    except (CityopsError, RulesError) as exc:
+        print(f"cityops ingest: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_checked(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     mqtt_url, database_url = service_urls(settings)
     client_id = args.client_id or default_client_id(args.shared_group)
