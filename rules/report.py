@@ -233,6 +233,7 @@ class _SignalClock:
 class _Track:
     alert: Alert
     suppressed: bool
+    seq: int = 0
     raise_times: list[float] = field(default_factory=list)
     active_since: float | None = None
     longest_active_s: float = 0.0
@@ -274,7 +275,8 @@ def _alerts(
         if s.kind == "raise":
             alert, event = lifecycle.raise_(s, track.alert if track is not None else None)
             if track is None:
-                track = open_[s.subject] = _Track(alert, suppressed=alert.state == "suppressed")
+                suppressed_open = alert.state == "suppressed"
+                track = open_[s.subject] = _Track(alert, suppressed_open, seq=next(ids))
             track.alert = alert
             track.raise_times.append(s.ts)
             if track.active_since is None:
@@ -290,9 +292,8 @@ def _alerts(
                 track.active_since = None
             if track.alert.state == "closed":
                 done.append(open_.pop(s.subject))
-    rows = [t.row(end) for t in (*done, *open_.values())]
-    rows.sort(key=lambda r: (r.raised_at, r.rule_id, r.subject))
-    return rows, annunciated, suppressed
+    tracks = sorted((*done, *open_.values()), key=lambda t: (t.alert.raised_at, t.seq))
+    return [t.row(end) for t in tracks], annunciated, suppressed
 
 
 def _window_counts(times: Sequence[float], window_s: float) -> tuple[int, float | None, int]:
@@ -341,9 +342,7 @@ def quality_figures(
         peak_10min_at=peak_at,
         floods=floods,
         chattering=sum(1 for r in rows if r.chattering and not r.suppressed),
-        standing=sum(
-            1 for r in rows if r.longest_active_s > STANDING_AFTER_S and not r.suppressed
-        ),
+        standing=sum(1 for r in rows if r.longest_active_s > STANDING_AFTER_S and not r.suppressed),
         suppressed=suppressed,
         priority_mix={s: (100.0 * k / n if n else 0.0) for s, k in by_severity.items()},
     )
@@ -580,7 +579,7 @@ def _alerts_table(rows: Sequence[AlertRow], max_rows: int) -> RenderableType:
 
 
 def _figure_rows(f: QualityFigures) -> list[tuple[str, str, str]]:
-    mix = " / ".join(f"{f.priority_mix[s]:.0f}% {s}" for s in _MIX_ORDER)
+    mix = " / ".join(f"{f.priority_mix[s]:.0f}" for s in _MIX_ORDER)
     return [
         ("simulated time", format_duration(f.duration_s), ""),
         ("alerts (annunciated)", f"{f.alerts:,}", ""),
@@ -591,7 +590,7 @@ def _figure_rows(f: QualityFigures) -> list[tuple[str, str, str]]:
         ("chattering alerts", f"{f.chattering:,}", "0"),
         ("standing alerts (> 24 h)", f"{f.standing:,}", "< 5"),
         ("suppressed raises", f"{f.suppressed:,}", ""),
-        ("priority mix", mix, "≈ 5% high, 15% medium, 80% low"),
+        (f"priority mix % ({' / '.join(_MIX_ORDER)})", mix, "≈ 5 high / 15 medium / 80 low"),
     ]
 
 
@@ -628,6 +627,8 @@ def render_report(report: BacktestReport, *, max_rows: int = 200) -> list[Render
 
 
 def _diff_table(title: str, diffs: Sequence[AlertDiff], max_rows: int) -> RenderableType:
+    if not diffs:
+        return Text(f"{title}: none")
     table = Table(title=f"{title} ({len(diffs)})", title_justify="left")
     for name in ("rule", "subject", "severity", "A first raise", "B first raise", "A", "B"):
         table.add_column(name, justify="right" if name in ("A", "B") else "left")
