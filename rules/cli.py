@@ -100,7 +100,21 @@ def _duration(text: str) -> float:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``cityops backtest`` to the ``cityops`` parser."""
+    """Add ``cityops rules`` and ``cityops backtest`` to the ``cityops`` parser."""
+    rules = subparsers.add_parser(
+        "rules",
+        help="rule files: validate a candidate before it goes live",
+        description=(
+            "Rules are evaluated inside `cityops ingest` (on the decoded stream, no second "
+            "parse); this command checks rule files."
+        ),
+    )
+    rules_sub = rules.add_subparsers(dest="rules_command", metavar="ACTION", required=True)
+    validate = rules_sub.add_parser(
+        "validate", help="load and check a rules file or folder; print errors with file:line"
+    )
+    validate.add_argument("path", type=Path, help="rules file or folder")
+    validate.set_defaults(handler=_validate)
     p = subparsers.add_parser(
         "backtest",
         help="run rules over a recording or a stored time range; report the alerts",
@@ -324,3 +338,17 @@ def _print(
     )
     for renderable in renderables:
         console.print(renderable)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        loaded = RuleSet.load(args.path)
+    except RulesError as exc:
+        print(f"cityops rules validate: {exc}", file=sys.stderr)
+        return 2
+    by_severity: dict[str, int] = {}
+    for rule in loaded.rules:
+        by_severity[rule.severity] = by_severity.get(rule.severity, 0) + 1
+    mix = ", ".join(f"{n} {sev}" for sev, n in sorted(by_severity.items()))
+    print(f"{args.path}: {len(loaded.rules)} rules OK ({mix})")
+    return 0

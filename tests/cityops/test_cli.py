@@ -47,3 +47,16 @@ def test_db_migrate_reports_an_unreachable_database(
     monkeypatch.setenv("CITYOPS_DATABASE_URL", "postgresql://127.0.0.1:1/none?connect_timeout=2")
     assert main(["db", "migrate"]) == 1
     assert "cityops db migrate:" in capsys.readouterr().err
+
+
+def test_rules_validate_accepts_the_shipped_rules_and_names_a_bad_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cityops.runtime import DEFAULT_RULES  # noqa: PLC0415
+
+    assert main(["rules", "validate", str(DEFAULT_RULES)]) == 0
+    assert "rules OK" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - id: x\n    name: X\n    severity: loud\n")
+    assert main(["rules", "validate", str(bad)]) == 2
+    assert f"{bad}:" in capsys.readouterr().err
