@@ -215,3 +215,57 @@ async def test_a_drill_is_stored_live_but_its_alerts_never_page(
         device,
     )
     assert stored == [(1,)]
+
+
+async def test_every_people_action_is_stored_as_an_event_with_actor_and_note(
+    database_url: str, tmp_path: Path
+) -> None:
+    rules_file = tmp_path / "r.yaml"
+    rules_file.write_text(
+        LOW.format(threshold=2, ack_timeout="1h") + "    resolve_manually: true\n"
+    )
+    rules = RuleSet.load(rules_file)
+    now = time.time()
+    alert = Alert(
+        id=uuid.uuid4().hex, rule_id="tank-low", subject="tank-low|t9|level", severity="major",
+        state="active_unacked", version=1, message="Tank t9 low", raised_at=now, updated_at=now,
+        device_id="t9", channel="level", district="kita", unacked_since=now,
+    )  # fmt: skip
+    store = AlertStore(database_url)
+    await store.save(
+        None, alert, AlertEvent(alert.id, 1, "raise", "normal", "active_unacked", "system", now)
+    )
+    cmd = AlertCommands(
+        store=store, lifecycle=AlertLifecycle(rules.rules, clock=Clock()), publisher=NullPublisher()
+    )
+    ana = Actor("ana", "operator")
+    a = await cmd.comment(alert.id, by=ana, note="crew informed", expected_version=1)
+    a = await cmd.assign(alert.id, by=ana, to="ken", expected_version=a.version)
+    a = await cmd.shelve(
+        alert.id, by=ana, until=time.time() + 600, reason="pump swap", expected_version=a.version
+    )
+    assert a.state == "shelved"
+    a = await cmd.unshelve(alert.id, by=ana, expected_version=a.version)
+    a = await cmd.acknowledge(alert.id, by=ana, note="on it", expected_version=a.version)
+    a = await cmd.put_out_of_service(
+        alert.id, by=ana, note="maintenance", expected_version=a.version
+    )
+    a = await cmd.return_to_service(alert.id, by=ana, expected_version=a.version)
+    a = await cmd.resolve(alert.id, by=ana, note="fixed", expected_version=a.version)
+    assert a.state == "closed"
+    with pytest.raises(VersionConflict):
+        await cmd.comment(alert.id, by=ana, note="late", expected_version=1)
+    events = [(r["action"], r["actor"], r["note"]) for r in await store.events(alert.id)]
+    await store.close()
+    assert events[0][0] == "raise"
+    assert [e[0] for e in events[1:]] == [
+        "comment", "assign", "shelve", "unshelve", "acknowledge",
+        "put_out_of_service", "return_to_service", "resolve",
+    ]  # fmt: skip
+    assert all(actor == "ana" for _, actor, _ in events[1:])
+    assert ("comment", "ana", "crew informed") in events
+    assert ("shelve", "ana", "pump swap") in events
+    assert ("resolve", "ana", "fixed") in events
+    assert _rows(database_url, "SELECT state, assignee FROM alerts WHERE id = %s", alert.id) == [
+        ("closed", "ken")
+    ]
