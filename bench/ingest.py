@@ -26,6 +26,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -303,6 +304,8 @@ def main() -> None:
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument("--json", action="store_true", help="print results as JSON too")
     args = parser.parse_args()
+    # A terminated benchmark still stops the broker and database it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     with tempfile.TemporaryDirectory(prefix="cityops-bench-") as tmp:
         os.chmod(tmp, 0o755)
