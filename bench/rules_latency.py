@@ -37,8 +37,8 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import signal
 import shutil
+import signal
 import socket
 import sys
 import tempfile
