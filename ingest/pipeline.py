@@ -303,9 +303,3 @@ class IngestPipeline:
         if self._source is not None:
             self._source.pause_reading()
         self._wake.set()
-
-    async def wait_idle(self, timeout_s: float) -> None:
-        """Wait until everything received so far is committed (tests, shutdown)."""
-        async with asyncio.timeout(timeout_s):
-            while self._buffered:  # noqa: ASYNC110 (a counter, not an event: polled)
-                await asyncio.sleep(0.01)

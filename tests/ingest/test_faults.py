@@ -6,6 +6,7 @@ while the fault happens, then checks that every one is stored exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -127,57 +129,71 @@ def _publish_in_background(url: str, prefix: str) -> tuple[threading.Thread, lis
     return thread, errors
 
 
-def test_kill_9_repeatedly_mid_stream_loses_and_duplicates_nothing(
-    mqtt_url: str, database_url: str
-) -> None:
-    prefix = f"k{uuid.uuid4().hex[:6]}"
-    ingester = IngesterProcess(mqtt_url, database_url, f"fault-kill-{prefix}")
+@dataclass
+class FaultRun:
+    """An ingester process and a publisher streaming N readings into it."""
+
+    prefix: str
+    ingester: IngesterProcess
+    thread: threading.Thread
+    errors: list[BaseException]
+
+    def wait_for_a_quarter(self, database_url: str) -> None:
+        """Until a quarter of the stream is stored: the fault hits mid-stream."""
+        deadline = time.monotonic() + 60
+        while _stored(database_url, self.prefix)[0] < N // 4:
+            assert time.monotonic() < deadline, "the stream did not start"
+            time.sleep(0.1)
+
+    def assert_everything_stored_once(self, database_url: str) -> None:
+        self.thread.join()
+        assert not self.errors, self.errors
+        assert _wait_stored(database_url, self.prefix, N) == (N, N)
+        assert self.ingester.terminate() == 0
+
+
+@contextlib.contextmanager
+def _fault_run(mqtt_url: str, database_url: str, name: str) -> Iterator[FaultRun]:
+    prefix = f"{name[0]}{uuid.uuid4().hex[:6]}"
+    ingester = IngesterProcess(mqtt_url, database_url, f"fault-{name}-{prefix}")
     ingester.start()
     try:
         thread, errors = _publish_in_background(mqtt_url, prefix)
-        kills = 0
-        while thread.is_alive() or kills < 3:
-            time.sleep(0.7 + 0.3 * (kills % 3))  # kill at varying instants
-            ingester.kill()
-            kills += 1
-            ingester.log.truncate(0)
-            ingester.start()
-        thread.join()
-        assert not errors, errors
-        total, distinct = _wait_stored(database_url, prefix, N)
-        assert kills >= 3
-        assert (total, distinct) == (N, N)
-        assert ingester.terminate() == 0
+        yield FaultRun(prefix, ingester, thread, errors)
     finally:
         if ingester.proc and ingester.proc.poll() is None:
             ingester.kill()
         drop_session(mqtt_url, ingester.client_id)
+
+
+def test_kill_9_repeatedly_mid_stream_loses_and_duplicates_nothing(
+    mqtt_url: str, database_url: str
+) -> None:
+    with _fault_run(mqtt_url, database_url, "kill") as run:
+        kills = 0
+        while run.thread.is_alive() or kills < 3:
+            time.sleep(0.7 + 0.3 * (kills % 3))  # kill at varying instants
+            run.ingester.kill()
+            kills += 1
+            run.ingester.log.truncate(0)
+            run.ingester.start()
+        assert kills >= 3
+        run.assert_everything_stored_once(database_url)
 
 
 def test_broker_restart_mid_stream(
     mqtt_url: str, database_url: str, broker: EmbeddedMosquitto
 ) -> None:
-    prefix = f"b{uuid.uuid4().hex[:6]}"
-    ingester = IngesterProcess(mqtt_url, database_url, f"fault-broker-{prefix}")
-    ingester.start()
     try:
-        thread, errors = _publish_in_background(mqtt_url, prefix)
-        deadline = time.monotonic() + 60
-        while _stored(database_url, prefix)[0] < N // 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        broker.stop()
-        time.sleep(1.0)  # the broker is really gone for a while
-        broker.start()
-        thread.join()
-        assert not errors, errors
-        assert _wait_stored(database_url, prefix, N) == (N, N)
-        assert ingester.terminate() == 0
+        with _fault_run(mqtt_url, database_url, "broker") as run:
+            run.wait_for_a_quarter(database_url)
+            broker.stop()
+            time.sleep(1.0)  # the broker is really gone for a while
+            broker.start()
+            run.assert_everything_stored_once(database_url)
     finally:
         if not broker.is_running():
             broker.start()
-        if ingester.proc and ingester.proc.poll() is None:
-            ingester.kill()
-        drop_session(mqtt_url, ingester.client_id)
 
 
 def test_database_down_for_10_s_mid_stream(
@@ -185,24 +201,13 @@ def test_database_down_for_10_s_mid_stream(
     database_url: str,
     postgres: EmbeddedPostgres,
 ) -> None:
-    prefix = f"p{uuid.uuid4().hex[:6]}"
-    ingester = IngesterProcess(mqtt_url, database_url, f"fault-db-{prefix}")
-    ingester.start()
     try:
-        thread, errors = _publish_in_background(mqtt_url, prefix)
-        deadline = time.monotonic() + 60
-        while _stored(database_url, prefix)[0] < N // 4 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        postgres.stop(mode="fast")
-        time.sleep(10.0)  # the outage the issue asks for
-        postgres.start()
-        thread.join()
-        assert not errors, errors
-        assert _wait_stored(database_url, prefix, N) == (N, N)
-        assert ingester.terminate() == 0
+        with _fault_run(mqtt_url, database_url, "postgres") as run:
+            run.wait_for_a_quarter(database_url)
+            postgres.stop(mode="fast")
+            time.sleep(10.0)  # the outage the issue asks for
+            postgres.start()
+            run.assert_everything_stored_once(database_url)
     finally:
         if not postgres.is_running():
             postgres.start()
-        if ingester.proc and ingester.proc.poll() is None:
-            ingester.kill()
-        drop_session(mqtt_url, ingester.client_id)
