@@ -38,10 +38,8 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
-import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -57,7 +55,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
-from cityops.db import migrate
+from bench.services import bench_services
 from cityops.settings import MqttEndpoint
 from ingest.batch import CommittedBatch
 from ingest.mqtt import MqttOptions
@@ -487,26 +485,9 @@ def main() -> None:
     )
     parser.add_argument("--json", action="store_true", help="print results as JSON too")
     args = parser.parse_args()
-    # A terminated benchmark still stops the broker and database it started.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    with tempfile.TemporaryDirectory(prefix="cityops-bench-") as tmp:
-        os.chmod(tmp, 0o755)
-        from cityops.embedded import EmbeddedMosquitto, EmbeddedPostgres  # noqa: PLC0415
-
-        broker = pg = None
-        mqtt_url, database_url = args.mqtt_url, args.database_url
-        if mqtt_url is None:
-            broker = EmbeddedMosquitto(Path(tmp) / "mosquitto")
-            broker.start()
-            mqtt_url = broker.url
-        if database_url is None:
-            pg = EmbeddedPostgres(Path(tmp) / "postgres")
-            pg.start()
-            pg.ensure_database("bench")
-            database_url = pg.url("bench")
-        migrate(database_url)
-        rules = _rules_dir(Path(tmp))
+    with bench_services(args.mqtt_url, args.database_url) as (mqtt_url, database_url, tmp):
+        rules = _rules_dir(tmp)
         batch_delay_s = None if args.batch_delay_ms is None else args.batch_delay_ms / 1e3
         ingester = Ingester.start(mqtt_url, database_url, rules, batch_delay_s)
         client = ProbeClient(mqtt_url)
@@ -539,10 +520,6 @@ def main() -> None:
                 load.stop()
             client.close()
             commits = ingester.stop()
-            if broker is not None:
-                broker.stop()
-            if pg is not None:
-                pg.stop()
 
     rate = tried[-1][0]
     print()
