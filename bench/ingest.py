@@ -292,9 +292,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mqtt-url")
     parser.add_argument("--database-url")
-    parser.add_argument("--messages", type=int, default=100_000, help="single-reading JSON load")
+    parser.add_argument("--messages", type=int, default=200_000, help="single-reading JSON load")
     parser.add_argument(
-        "--senml-messages", type=int, default=20_000, help="SenML load (x20 readings)"
+        "--senml-messages", type=int, default=50_000, help="SenML load (x20 readings)"
     )
     parser.add_argument("--baseline-messages", type=int, default=10_000)
     parser.add_argument("--latency-rate", type=int, default=5_000)

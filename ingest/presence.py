@@ -29,6 +29,7 @@ from psycopg import AsyncConnection
 
 from ingest.batch import CommittedBatch
 from ingest.metrics import IngestMetrics
+from ingest.model import DeviceRef
 
 log = logging.getLogger(__name__)
 
@@ -101,29 +102,39 @@ class StalenessMonitor:
         now = batch.committed_at
         alpha = self.options.ewma_alpha
         devices = self._devices
+        previous: DeviceRef | None = None
+        dev: _Device | None = None
+        # Readings of one message are adjacent and share their DeviceRef (and
+        # often their time): the device is looked up once per run of them.
         for reading in batch.readings:
-            device_id = reading.device.device_id
-            dev = devices.get(device_id)
-            if dev is None:
-                dev = devices[device_id] = _Device(last_received=now)
-            dev.last_received = now
-            dev.dirty = True
+            ref = reading.device
+            if ref is not previous or dev is None:
+                previous = ref
+                device_id = ref.device_id
+                dev = devices.get(device_id)
+                if dev is None:
+                    dev = devices[device_id] = _Device(last_received=now)
+                dev.last_received = now
+                dev.dirty = True
+                if dev.stale_since is not None:
+                    silent = now - dev.stale_since
+                    dev.stale_since = None
+                    self._emit(
+                        StalenessChange(device_id, stale=False, at=now, silent_for_s=silent)
+                    )
             if reading.update_period_s:
                 dev.declared_period_s = reading.update_period_s
+            ts = reading.ts
             last = dev.last_ts
-            if last is None or reading.ts > last:
+            if last is None or ts > last:
                 if last is not None:
-                    delta = reading.ts - last
+                    delta = ts - last
                     dev.period_s = (
                         delta
                         if dev.period_s is None
                         else (1 - alpha) * dev.period_s + alpha * delta
                     )
-                dev.last_ts = reading.ts
-            if dev.stale_since is not None:
-                silent = now - dev.stale_since
-                dev.stale_since = None
-                self._emit(StalenessChange(device_id, stale=False, at=now, silent_for_s=silent))
+                dev.last_ts = ts
 
     def check(self) -> list[StalenessChange]:
         """Flag devices silent past their threshold; returns the changes."""

@@ -73,9 +73,19 @@ class EpochTimestamptzDumper(Dumper):
     format = Format.BINARY
     oid = postgres.types["timestamptz"].oid
 
+    _last: object = None
+    _last_bytes: bytes = b""
+
     def dump(self, obj: object) -> bytes:
         """Microseconds since 2000-01-01 as a big-endian int8."""
-        return _pack_int8(round((float(obj) - _PG_EPOCH_S) * 1_000_000))  # type: ignore[arg-type]
+        # Readings of one message share their receive time (and often their
+        # device time): the last value is reused.
+        if obj == self._last:
+            return self._last_bytes
+        data = _pack_int8(round((float(obj) - _PG_EPOCH_S) * 1_000_000))  # type: ignore[arg-type]
+        self._last = obj
+        self._last_bytes = data
+        return data
 
 
 _MOVE_STAGED = """
