@@ -79,10 +79,14 @@ class _LatencySink:
 
     live_after: float
     latencies: list[float]
+    expected: int
+    done: asyncio.Event
     readings: int = 0
 
     def on_batch(self, batch: CommittedBatch) -> None:
         self.readings += len(batch.readings)
+        if self.readings >= self.expected:
+            self.done.set()
         now = batch.committed_at
         for r in batch.readings:
             if r.ts >= self.live_after:
@@ -98,7 +102,9 @@ def _ingester_child(  # noqa: PLR0917 (multiprocessing target)
     conn: Any,
 ) -> None:
     async def run() -> dict[str, Any]:
-        sink = _LatencySink(live_after=live_after, latencies=[])
+        sink = _LatencySink(
+            live_after=live_after, latencies=[], expected=expect_readings, done=asyncio.Event()
+        )
         config = IngestConfig(
             mqtt=MqttEndpoint.parse(mqtt_url),
             database_url=database_url,
@@ -110,8 +116,7 @@ def _ingester_child(  # noqa: PLR0917 (multiprocessing target)
             # The load is queued on the broker already: the clock runs from the
             # ingester's start (connect and subscribe included) to the last commit.
             started = time.perf_counter()
-            while sink.readings < expect_readings:
-                await asyncio.sleep(0.01)
+            await sink.done.wait()
             elapsed = time.perf_counter() - started
             msgs = svc.metrics.received._value.get()
             stored = svc.metrics.stored._value.get()
