@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from ingest.service import IngestConfig, run_ingest
 from rules.errors import RulesError
 
 _PIPELINE = PipelineOptions()
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -116,7 +118,27 @@ def _run_checked(args: argparse.Namespace) -> int:
         ),
         mqtt_options=MqttOptions(client_id=client_id),
         replay=not args.no_replay_sandbox,
-        rules_path=None if args.no_rules else (args.rules or rules_path(settings)),
+        rules_path=_rules_for(args, settings),
     )
     asyncio.run(run_ingest(config))
     return 0
+
+
+def _rules_for(args: argparse.Namespace, settings: Settings) -> Path | None:
+    """The rules this ingester evaluates, if any.
+
+    A member of a shared subscription sees a round-robin share of the
+    messages, so its windows would miss readings: it evaluates rules only when
+    asked explicitly with ``--rules`` (for a deployment that partitions the
+    rules some other way), never by default.
+    """
+    if args.no_rules:
+        return None
+    if args.shared_group and args.rules is None:
+        log.warning(
+            "--shared-group: rules are not evaluated by this member (it sees a share of "
+            "the stream); run them in one unshared ingester or pass --rules explicitly"
+        )
+        return None
+    return args.rules or rules_path(settings)
+

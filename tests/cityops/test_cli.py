@@ -60,3 +60,21 @@ def test_rules_validate_accepts_the_shipped_rules_and_names_a_bad_line(
     bad.write_text("rules:\n  - id: x\n    name: X\n    severity: loud\n")
     assert main(["rules", "validate", str(bad)]) == 2
     assert f"{bad}:" in capsys.readouterr().err
+
+
+def test_a_shared_group_member_does_not_evaluate_rules_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cityops.cli import build_parser  # noqa: PLC0415
+    from cityops.settings import Settings  # noqa: PLC0415
+    from ingest.cli import _rules_for  # noqa: PLC0415
+
+    settings = Settings.from_env({})
+    parser = build_parser()
+    shared = parser.parse_args(["ingest", "--shared-group", "g1"])
+    assert _rules_for(shared, settings) is None
+    explicit = parser.parse_args(["ingest", "--shared-group", "g1", "--rules", "/r"])
+    assert str(_rules_for(explicit, settings)) == "/r"
+    alone = parser.parse_args(["ingest"])
+    assert _rules_for(alone, settings) is not None
+    assert _rules_for(parser.parse_args(["ingest", "--no-rules"]), settings) is None
