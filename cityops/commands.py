@@ -79,7 +79,7 @@ def _embedded_services(settings: Settings) -> Iterator[tuple[str, str]]:
 
 async def _serve(mqtt_url: str, database_url: str, args: argparse.Namespace) -> None:
     """Ingest first (subscribed before anything publishes), then the simulator."""
-    from ingest.service import IngestConfig, IngestService, stop_on_signals  # noqa: PLC0415
+    from ingest import IngestConfig, IngestService, stop_on_signals  # noqa: PLC0415
 
     config = IngestConfig(
         mqtt=MqttEndpoint.parse(mqtt_url),

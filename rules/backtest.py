@@ -44,10 +44,19 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-from ingest.decode import DEFAULT_LIMITS, DecodeLimits, decode_message
-from ingest.errors import DecodeError
-from ingest.model import DOMAINS, DeviceRef, Domain, Presence, Reading
-from ingest.pipeline import REPLAY_PREFIX, split_replay_topic
+from ingest import (
+    DEFAULT_LIMITS,
+    DOMAINS,
+    REPLAY_PREFIX,
+    DecodeError,
+    DecodeLimits,
+    DeviceRef,
+    Domain,
+    Presence,
+    Reading,
+    decode_message,
+    split_replay_topic,
+)
 from rules.engine import AlertSignal, Evaluator, EvaluatorOptions
 from rules.errors import RulesError
 from rules.kinds import KindResolver, prefix_kind_resolver

@@ -42,8 +42,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from ingest.batch import CommittedBatch
-from ingest.model import DeviceRef, Presence, Reading
+from ingest import CommittedBatch, DeviceRef, Presence, Reading
 from rules.baseline import BaselineBank
 from rules.expr import Binary, Bool, Call, Dur, Name, Node, Num, Str, Unary, walk
 from rules.kinds import KindResolver, prefix_kind_resolver

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Final
 
-from ingest.model import DeviceRef  # ingest/__init__ does not re-export it yet
+from ingest import DeviceRef
 
 __all__ = ["DEFAULT_KIND_PREFIXES", "KindResolver", "prefix_kind_resolver"]
 

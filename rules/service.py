@@ -32,8 +32,7 @@ from psycopg import AsyncConnection
 
 from cityops.backoff import Backoff
 from cityops.settings import MqttEndpoint
-from ingest.batch import CommittedBatch
-from ingest.model import DeviceRef, Reading
+from ingest import CommittedBatch, DeviceRef, Reading
 from rules.alerts import Alert, AlertEvent, AlertSource
 from rules.engine import AlertSignal, Evaluator
 from rules.errors import LifecycleError, RulesError, VersionConflict
