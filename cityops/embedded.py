@@ -20,6 +20,7 @@ consumers connect with ``clean_start=False`` every time, the first included.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -177,6 +178,116 @@ def _quote_conf(value: str) -> str:
 # -------------------------------------------------------------------------- Mosquitto
 
 
+class _EmbeddedService(abc.ABC):
+    """What both embedded services share: data dir, port choice, lifecycle, errors.
+
+    The port is the one given, else the one recorded in ``state.json`` by the
+    previous start when it is free, else a free one; a running service found
+    through its data dir is adopted instead of started twice.
+    """
+
+    service: str
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None,
+        host: str,
+        start_timeout_s: float,
+        stop_timeout_s: float,
+    ) -> None:
+        self._data_dir = Path(os.path.normpath(data_dir.absolute()))
+        self._explicit_port = port
+        self._port: int | None = port
+        self._host = host
+        self._start_timeout_s = start_timeout_s
+        self._stop_timeout_s = stop_timeout_s
+
+    @property
+    def data_dir(self) -> Path:
+        """Where the service keeps its configuration, data, log and state."""
+        return self._data_dir
+
+    @property
+    @abc.abstractmethod
+    def log_path(self) -> Path:
+        """The service's log file."""
+
+    @property
+    def port(self) -> int:
+        """The TCP port: given, recorded by the previous start, or a free one."""
+        if self._port is None:
+            self._port = self._running_port() or self._choose_port()
+        return self._port
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start (or adopt) the service and wait until it is ready."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop the service."""
+
+    def is_running(self) -> bool:
+        """Whether the service's process (ours, or one found in the data dir) is alive."""
+        return self._running_pid() is not None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @abc.abstractmethod
+    def _running_pid(self) -> int | None: ...
+
+    @abc.abstractmethod
+    def _running_port(self) -> int | None: ...
+
+    @property
+    def _state_path(self) -> Path:
+        return self._data_dir / _STATE_FILE
+
+    def _error(
+        self, problem: str, *, port: int | None = None, timeout_s: float | None = None
+    ) -> EmbeddedServiceError:
+        return EmbeddedServiceError(
+            self.service,
+            problem,
+            port=port if port is not None else self._port,
+            timeout_s=timeout_s if timeout_s is not None else self._start_timeout_s,
+            log_path=self.log_path,
+        )
+
+    def _choose_port(self) -> int:
+        if self._explicit_port is not None:
+            return self._explicit_port
+        recorded = _recorded_port(self._state_path)
+        if recorded is not None and _port_is_free(self._host, recorded):
+            return recorded
+        if recorded is not None:
+            log.warning("%s's previous port %d is in use; picking another", self.service, recorded)
+        return _pick_free_port(self._host)
+
+    def _claim_port(self) -> int:
+        """The port to start on, checked free now."""
+        port = self._port if self._port is not None else self._choose_port()
+        if not _port_is_free(self._host, port):
+            if self._explicit_port is not None:
+                msg = f"port {port} on {self._host} is already in use by another process"
+                raise self._error(msg, port=port)
+            port = self._choose_port()
+        self._port = port
+        return port
+
+
 @dataclass(frozen=True, slots=True)
 class BrokerTuning:
     """Mosquitto settings that decide whether ingest is lossless and fast.
@@ -230,7 +341,7 @@ def render_mosquitto_conf(
     return "\n".join(lines) + "\n"
 
 
-class EmbeddedMosquitto:
+class EmbeddedMosquitto(_EmbeddedService):
     """A Mosquitto broker run as a child process, with its data in ``data_dir``.
 
     Retained messages, persistent sessions and their queued QoS 1 messages are
@@ -256,34 +367,23 @@ class EmbeddedMosquitto:
         stop_timeout_s: float = 60.0,
         mosquitto_bin: Path | None = None,
     ) -> None:
-        self._data_dir = Path(os.path.normpath(data_dir.absolute()))
-        self._explicit_port = port
-        self._port: int | None = port
-        self._host = host
+        super().__init__(
+            data_dir,
+            port=port,
+            host=host,
+            start_timeout_s=start_timeout_s,
+            stop_timeout_s=stop_timeout_s,
+        )
         self._tuning = tuning
-        self._start_timeout_s = start_timeout_s
-        self._stop_timeout_s = stop_timeout_s
         self._bin = mosquitto_bin
         self._process: subprocess.Popen[bytes] | None = None
 
     # ---------------------------------------------------------------- public
 
     @property
-    def data_dir(self) -> Path:
-        """Where configuration, persistence store, log and pid file live."""
-        return self._data_dir
-
-    @property
     def log_path(self) -> Path:
         """The broker's log file."""
         return self._data_dir / "mosquitto.log"
-
-    @property
-    def port(self) -> int:
-        """The TCP port: given, recorded by the previous start, or a free one."""
-        if self._port is None:
-            self._port = self._running_port() or self._choose_port()
-        return self._port
 
     @property
     def url(self) -> str:
@@ -369,22 +469,6 @@ class EmbeddedMosquitto:
         self.stop()
         self.start()
 
-    def is_running(self) -> bool:
-        """Whether this broker's process (ours, or one found by pid file) is alive."""
-        return self._running_pid() is not None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -------------------------------------------------------------- internals
 
     @property
@@ -394,19 +478,6 @@ class EmbeddedMosquitto:
     @property
     def _pid_path(self) -> Path:
         return self._data_dir / "mosquitto.pid"
-
-    @property
-    def _state_path(self) -> Path:
-        return self._data_dir / _STATE_FILE
-
-    def _error(self, problem: str, *, port: int | None = None) -> EmbeddedServiceError:
-        return EmbeddedServiceError(
-            self.service,
-            problem,
-            port=port if port is not None else self._port,
-            timeout_s=self._start_timeout_s,
-            log_path=self.log_path,
-        )
 
     def _running_pid(self) -> int | None:
         if self._process is not None and self._process.poll() is None:
@@ -418,27 +489,6 @@ class EmbeddedMosquitto:
 
     def _running_port(self) -> int | None:
         return _recorded_port(self._state_path) if self._running_pid() is not None else None
-
-    def _choose_port(self) -> int:
-        if self._explicit_port is not None:
-            return self._explicit_port
-        recorded = _recorded_port(self._state_path)
-        if recorded is not None and _port_is_free(self._host, recorded):
-            return recorded
-        if recorded is not None:
-            log.warning("mosquitto's previous port %d is in use; picking another", recorded)
-        return _pick_free_port(self._host)
-
-    def _claim_port(self) -> int:
-        """The port to start on, checked free now."""
-        port = self._port if self._port is not None else self._choose_port()
-        if not _port_is_free(self._host, port):
-            if self._explicit_port is not None:
-                msg = f"port {port} on {self._host} is already in use by another process"
-                raise self._error(msg, port=port)
-            port = self._choose_port()
-        self._port = port
-        return port
 
     def _adopt_running(self, deadline: float) -> bool:
         """Use the broker already running for this data dir; False if it just exited."""
@@ -645,7 +695,7 @@ class _OsUser:
     home: str
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(_EmbeddedService):
     """A TimescaleDB-enabled PostgreSQL cluster in ``data_dir``, started with pg_ctl.
 
     Layout: ``pgdata/`` (the cluster), ``run/`` (its Unix socket), ``postgres.log``,
@@ -667,21 +717,18 @@ class EmbeddedPostgres:
         stop_timeout_s: float = 60.0,
         tuning: PostgresTuning = PostgresTuning(),
     ) -> None:
-        self._data_dir = Path(os.path.normpath(data_dir.absolute()))
-        self._explicit_port = port
-        self._port: int | None = port
+        super().__init__(
+            data_dir,
+            port=port,
+            host="127.0.0.1",
+            start_timeout_s=start_timeout_s,
+            stop_timeout_s=stop_timeout_s,
+        )
         self._pg_bin_dir = pg_bin_dir
-        self._start_timeout_s = start_timeout_s
-        self._stop_timeout_s = stop_timeout_s
         self._tuning = tuning
         self._os_user = self._cluster_os_user()
 
     # ---------------------------------------------------------------- public
-
-    @property
-    def data_dir(self) -> Path:
-        """The directory holding the cluster, its socket, log and password."""
-        return self._data_dir
 
     @property
     def pgdata(self) -> Path:
@@ -697,13 +744,6 @@ class EmbeddedPostgres:
     def socket_dir(self) -> Path:
         """Directory of the Unix socket (peer authentication for the owner)."""
         return self._data_dir / "run"
-
-    @property
-    def port(self) -> int:
-        """The TCP port on 127.0.0.1: given, recorded, or a free one."""
-        if self._port is None:
-            self._port = self._running_port() or self._choose_port()
-        return self._port
 
     def url(self, dbname: str = "cityops") -> str:
         """``postgresql://cityops:PASSWORD@127.0.0.1:PORT/dbname``."""
@@ -782,27 +822,7 @@ class EmbeddedPostgres:
             msg = f"cannot create database {name!r}: {exc}"
             raise self._error(msg) from exc
 
-    def is_running(self) -> bool:
-        """Whether the cluster's postmaster is alive."""
-        return self._running_pid() is not None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -------------------------------------------------------------- internals
-
-    @property
-    def _state_path(self) -> Path:
-        return self._data_dir / _STATE_FILE
 
     @property
     def _password_path(self) -> Path:
@@ -812,17 +832,6 @@ class EmbeddedPostgres:
     def _owner(self) -> tuple[int, int] | None:
         """Owner to give files the server reads, when we are root and it is not."""
         return (self._os_user.uid, self._os_user.gid) if os.geteuid() == 0 else None
-
-    def _error(
-        self, problem: str, *, port: int | None = None, timeout_s: float | None = None
-    ) -> EmbeddedServiceError:
-        return EmbeddedServiceError(
-            self.service,
-            problem,
-            port=port if port is not None else self._port,
-            timeout_s=timeout_s if timeout_s is not None else self._start_timeout_s,
-            log_path=self.log_path,
-        )
 
     @staticmethod
     def _cluster_os_user() -> _OsUser:
@@ -879,23 +888,8 @@ class EmbeddedPostgres:
             msg = "is running but did not become ready"
             raise self._error(msg, port=running_port)
 
-    def _choose_port(self) -> int:
-        if self._explicit_port is not None:
-            return self._explicit_port
-        recorded = _recorded_port(self._state_path)
-        if recorded is not None and _port_is_free("127.0.0.1", recorded):
-            return recorded
-        if recorded is not None:
-            log.warning("postgresql's previous port %d is in use; picking another", recorded)
-        return _pick_free_port("127.0.0.1")
-
     def _claim_port(self) -> int:
-        port = self._port if self._port is not None else self._choose_port()
-        if not _port_is_free("127.0.0.1", port):
-            if self._explicit_port is not None:
-                msg = f"port {port} on 127.0.0.1 is already in use by another process"
-                raise self._error(msg, port=port)
-            port = self._choose_port()
+        port = super()._claim_port()
         socket_path = self.socket_dir / f".s.PGSQL.{port}"
         if len(os.fsencode(socket_path)) > _SUN_PATH_MAX:
             msg = (
