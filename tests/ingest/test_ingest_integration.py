@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
 
 import orjson
 import psycopg
@@ -15,6 +14,7 @@ from ingest.decode import DecodeLimits
 from ingest.service import IngestService
 from tests.ingest.conftest import ServiceFactory
 from tests.mqtt_helpers import Publisher, publish_all
+from tests.polling import until as _until
 
 
 def _prefix() -> str:
@@ -25,15 +25,6 @@ def _scalar(url: str, query: str, *params: object) -> object:
     with psycopg.connect(url) as conn:
         row = conn.execute(query.encode(), params).fetchone()
         return None if row is None else row[0]
-
-
-async def _until(cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            msg = f"condition not met within {timeout_s} s"
-            raise AssertionError(msg)
-        await asyncio.sleep(0.05)
 
 
 def _count_readings(url: str, prefix: str) -> int:

@@ -17,6 +17,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from cityops.settings import MqttEndpoint
 from tests.ingest.conftest import ServiceFactory
 from tests.mqtt_helpers import publish_all
+from tests.polling import until as _until
 
 RULES = """
 rules:
@@ -58,13 +59,6 @@ def _alerts(url: str, device: str) -> list[tuple[object, ...]]:
             " WHERE device_id = %s ORDER BY raised_at",
             (device,),
         ).fetchall()
-
-
-async def _until(cond: Any, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_reading_raises_stores_and_publishes_then_clears(

@@ -10,10 +10,8 @@ import asyncio
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import orjson
-import psycopg
 import pytest
 
 from rules.alerts import Actor, Alert, AlertEvent
@@ -24,6 +22,8 @@ from rules.loader import RuleSet
 from rules.store import AlertStore
 from tests.ingest.conftest import ServiceFactory
 from tests.mqtt_helpers import publish_all
+from tests.polling import rows as _rows
+from tests.polling import until as _until
 
 LOW = """
 rules:
@@ -48,18 +48,6 @@ class NullPublisher:
 class Clock:
     def now(self) -> float:
         return time.time()
-
-
-def _rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url) as conn:
-        return conn.execute(query.encode(), params).fetchall()
-
-
-async def _until(cond: Any, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_twenty_simultaneous_acknowledgements_one_succeeds(
