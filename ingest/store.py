@@ -28,9 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import psycopg
-from psycopg import AsyncConnection, postgres, sql
-from psycopg.adapt import Dumper
-from psycopg.pq import Format
+from psycopg import AsyncConnection, sql
 
 from ingest.batch import Batch, StoreResult
 from ingest.errors import StorageUnavailable
@@ -51,7 +49,6 @@ CREATE TEMPORARY TABLE IF NOT EXISTS ingest_staging (
 
 _COLUMNS = "series_id, ts, value, state, received_at"
 _COPY_DIRECT = f"COPY readings ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-_TYPES_DIRECT = ["int4", "timestamptz", "float8", "text", "timestamptz"]
 _COPY_STAGED = f"COPY ingest_staging ({_COLUMNS}) FROM STDIN (FORMAT BINARY)"
 _TYPES_STAGED = ["int4", "float8", "float8", "text", "float8"]
 # (series id, device time, value, state, receive time), times in epoch seconds;
@@ -59,7 +56,6 @@ _TYPES_STAGED = ["int4", "float8", "float8", "text", "float8"]
 _Row = tuple[object, ...]
 
 _PG_EPOCH_S = 946_684_800.0  # 2000-01-01T00:00:00Z, PostgreSQL's timestamp origin
-_pack_int8 = struct.Struct("!q").pack
 
 
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" * 2
@@ -116,32 +112,6 @@ def encode_copy_rows(rows: Sequence[_Row], *, with_run_id: bool = False) -> byte
     return b"".join(out)
 
 
-class EpochTimestamptzDumper(Dumper):
-    """Dumps epoch seconds (a float) as binary timestamptz, for COPY.
-
-    Registered by oid only, on the writer's connection: COPY with
-    ``set_types`` looks dumpers up by the column's type, so floats reach
-    ``timestamptz`` columns without building a ``datetime`` per value.
-    """
-
-    format = Format.BINARY
-    oid = postgres.types["timestamptz"].oid
-
-    _last: object = None
-    _last_bytes: bytes = b""
-
-    def dump(self, obj: object) -> bytes:
-        """Microseconds since 2000-01-01 as a big-endian int8."""
-        # Readings of one message share their receive time (and often their
-        # device time): the last value is reused.
-        if obj == self._last:
-            return self._last_bytes
-        data = _pack_int8(round((float(obj) - _PG_EPOCH_S) * 1_000_000))  # type: ignore[arg-type]
-        self._last = obj
-        self._last_bytes = data
-        return data
-
-
 _MOVE_STAGED = """
 INSERT INTO readings (ts, series_id, value, state, received_at)
 SELECT to_timestamp(ts), series_id, value, state, to_timestamp(received_at)
@@ -183,13 +153,11 @@ class ReadingStore:
             self._copy_staged = (
                 f"COPY ingest_staging (run_id, {_COLUMNS}) FROM STDIN (FORMAT BINARY)"
             )
-            self._types_direct = ["text", *_TYPES_DIRECT]
             self._types_staged = ["text", *_TYPES_STAGED]
             self._move_staged = _MOVE_STAGED_SANDBOX
         else:
             self._copy_direct = _COPY_DIRECT
             self._copy_staged = _COPY_STAGED
-            self._types_direct = _TYPES_DIRECT
             self._types_staged = _TYPES_STAGED
             self._move_staged = _MOVE_STAGED
         self._conn: AsyncConnection[tuple[object, ...]] | None = None
@@ -210,7 +178,6 @@ class ReadingStore:
                     + (" -c search_path=replay,public" if self.sandbox else "")
                 ),
             )
-            conn.adapters.register_dumper(None, EpochTimestamptzDumper)
             await conn.execute(_STAGING)
             await conn.commit()
         except psycopg.Error as exc:
