@@ -159,11 +159,6 @@ def _start_ingester(
     return proc, parent
 
 
-def _create_session(mqtt_url: str, client_id: str) -> None:
-    """Subscribe once as the ingester would, so the broker queues for it while away."""
-    create_session(mqtt_url, client_id)
-
-
 def _count(database_url: str, prefix: str) -> int:
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
@@ -196,7 +191,7 @@ def generator_alone(mqtt_url: str, kind: str, n: int) -> float:
 def cityops_drain(mqtt_url: str, database_url: str, kind: str, n: int) -> dict[str, Any]:
     prefix = f"x{uuid.uuid4().hex[:6]}"
     client_id = f"bench-{prefix}"
-    _create_session(mqtt_url, client_id)
+    create_session(mqtt_url, client_id)
     with Publisher(mqtt_url, window=5_000) as pub:
         pub.publish(_messages(kind, prefix, n))
         pub.wait_acked(600)
@@ -223,7 +218,7 @@ def cityops_latency(
     client_id = f"bench-{prefix}"
     n = int(rate * seconds)
     per = 1 if kind == "json" else SENML_RECORDS
-    _create_session(mqtt_url, client_id)  # subscribed before the first publish
+    create_session(mqtt_url, client_id)  # subscribed before the first publish
     start = time.time()
     proc, pipe = _start_ingester(mqtt_url, database_url, client_id, n * per, start - 1)
     with Publisher(mqtt_url, window=5_000) as pub:
@@ -259,7 +254,7 @@ def baseline_drain(mqtt_url: str, database_url: str, kind: str, n: int) -> dict[
 
     prefix = f"n{uuid.uuid4().hex[:6]}"
     client_id = f"bench-{prefix}"
-    _create_session(mqtt_url, client_id)
+    create_session(mqtt_url, client_id)
     with Publisher(mqtt_url, window=5_000) as pub:
         pub.publish(_messages(kind, prefix, n))
         pub.wait_acked(600)
