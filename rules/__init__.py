@@ -14,6 +14,7 @@ from rules.alerts import (
     AlertState,
 )
 from rules.baseline import BaselineBank, hour_of_week
+from rules.commands import AlertCommands, AlertNotFound
 from rules.durations import format_duration, parse_duration
 from rules.engine import AlertSignal, Clock, Evaluator, EvaluatorOptions, SignalKind
 from rules.errors import (
@@ -31,6 +32,7 @@ from rules.kinds import DEFAULT_KIND_PREFIXES, KindResolver, prefix_kind_resolve
 from rules.lifecycle import AlertLifecycle
 from rules.loader import RuleSet, load_rules_text
 from rules.model import (
+    ROLE_COVERS,
     ROLES,
     SEVERITIES,
     CorrelateCondition,
@@ -41,6 +43,8 @@ from rules.model import (
     Severity,
     Subject,
 )
+from rules.service import AlertPublisher, MqttAlertPublisher
+from rules.store import AlertAlreadyOpen, AlertStore, AlertStoreError, alert_from_row
 from rules.window import SeriesWindow
 
 __all__ = [
@@ -49,17 +53,24 @@ __all__ = [
     "DEFAULT_KIND_PREFIXES",
     "OPEN_STATES",
     "ROLES",
+    "ROLE_COVERS",
     "SEVERITIES",
     "STATES",
     "SYSTEM",
     "Action",
     "Actor",
     "Alert",
+    "AlertAlreadyOpen",
+    "AlertCommands",
     "AlertEvent",
     "AlertLifecycle",
+    "AlertNotFound",
+    "AlertPublisher",
     "AlertSignal",
     "AlertSource",
     "AlertState",
+    "AlertStore",
+    "AlertStoreError",
     "BaselineBank",
     "Clock",
     "CorrelateCondition",
@@ -73,6 +84,7 @@ __all__ = [
     "Incident",
     "KindResolver",
     "LifecycleError",
+    "MqttAlertPublisher",
     "NotPermitted",
     "Role",
     "Rule",
@@ -84,6 +96,7 @@ __all__ = [
     "SignalKind",
     "Subject",
     "VersionConflict",
+    "alert_from_row",
     "format_duration",
     "hour_of_week",
     "load_rules_text",

@@ -40,7 +40,7 @@ from rules.alerts import (
 )
 from rules.engine import AlertSignal, Clock
 from rules.errors import ForbiddenTransition, NotPermitted, VersionConflict
-from rules.model import EscalationStep, Role, Rule, raised_severity
+from rules.model import ROLE_COVERS, EscalationStep, Role, Rule, raised_severity
 
 __all__ = ["AlertLifecycle"]
 
@@ -97,7 +97,7 @@ class AlertLifecycle:
     def _may_ack(self, alert: Alert, by: Actor, action: Action) -> None:
         rule = self._rule(alert)
         role = rule.ack_role if rule is not None else "operator"
-        if by.role not in (role, "admin", "system"):
+        if by.role != "system" and role not in ROLE_COVERS[by.role]:
             why = f"{by.name} is {by.role}; this alert needs {role} or admin"
             raise NotPermitted(alert.id, action, why)
 

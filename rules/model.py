@@ -14,6 +14,7 @@ from rules.expr import Call, Node, Str, walk
 
 __all__ = [
     "ROLES",
+    "ROLE_COVERS",
     "SEVERITIES",
     "CorrelateCondition",
     "Correlation",
@@ -30,6 +31,18 @@ SEVERITIES: Final[tuple[Severity, ...]] = ("warning", "minor", "major", "critica
 """Lowest first."""
 Role = Literal["operator", "responder", "engineer", "admin"]
 ROLES: Final[tuple[Role, ...]] = ("operator", "responder", "engineer", "admin")
+ROLE_COVERS: Final[dict[Role, frozenset[Role]]] = {
+    "operator": frozenset({"operator"}),
+    "responder": frozenset({"operator", "responder"}),
+    "engineer": frozenset({"engineer"}),
+    "admin": frozenset(ROLES),
+}
+"""Whose alerts a role may acknowledge: a rule's ``ack_role`` must be in this set.
+
+A responder does everything an operator does on alerts and also handles
+emergency alerts; engineers answer the device-health alerts addressed to them
+(a silent gauge, a device offline) and nothing else.
+"""
 
 
 def raised_severity(current: Severity, to: Severity | None) -> Severity:

@@ -9,13 +9,17 @@ run); a second instance that races to open the same alert gets
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from rules.alerts import Alert, AlertEvent
 from rules.errors import RulesError, VersionConflict
@@ -65,7 +69,8 @@ def _to_db(name: str, value: Any) -> Any:
     return value
 
 
-def _from_row(row: dict[str, Any]) -> Alert:
+def alert_from_row(row: dict[str, Any]) -> Alert:
+    """An alert from a row of `alerts` (extra columns are ignored)."""
     values = {}
     for name in _FIELDS:
         value = row[name]
@@ -76,14 +81,31 @@ def _from_row(row: dict[str, Any]) -> Alert:
 
 
 class AlertStore:
-    """Reads and writes alerts; one connection, reopened after failures."""
+    """Reads and writes alerts.
 
-    def __init__(self, conninfo: str, *, connect_timeout_s: float = 5.0) -> None:
+    Either over one connection of its own (reopened after failures, one
+    operation at a time) or over connections borrowed from a shared pool
+    (``AlertStore(pool=...)``: the control API, where many people act at once).
+    """
+
+    def __init__(
+        self,
+        conninfo: str | None = None,
+        *,
+        pool: AsyncConnectionPool[AsyncConnection[dict[str, Any]]] | None = None,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        if (conninfo is None) == (pool is None):
+            msg = "AlertStore needs a conninfo or a pool, not both"
+            raise ValueError(msg)
         self._conninfo = conninfo
+        self._pool = pool
         self._connect_timeout_s = connect_timeout_s
         self._conn: AsyncConnection[dict[str, Any]] | None = None
+        self._lock = asyncio.Lock()
 
     async def _connection(self) -> AsyncConnection[dict[str, Any]]:
+        assert self._conninfo is not None
         if self._conn is None or self._conn.closed:
             try:
                 self._conn = await AsyncConnection.connect(
@@ -96,36 +118,53 @@ class AlertStore:
                 raise AlertStoreError(msg) from exc
         return self._conn
 
+    @contextlib.asynccontextmanager
+    async def _borrow(self) -> AsyncIterator[AsyncConnection[dict[str, Any]]]:
+        """A connection for one operation; a broken own connection is dropped."""
+        if self._pool is not None:
+            try:
+                async with self._pool.connection(timeout=self._connect_timeout_s) as conn:
+                    yield conn
+            except PoolTimeout as exc:
+                msg = f"no database connection within {self._connect_timeout_s:.1f} s: {exc}"
+                raise AlertStoreError(msg) from exc
+            return
+        async with self._lock:
+            conn = await self._connection()
+            try:
+                yield conn
+            finally:
+                if conn.broken:
+                    self._conn = None
+
     async def close(self) -> None:
-        """Close the connection."""
+        """Close the own connection (a pool belongs to whoever passed it)."""
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
 
     async def _query(self, query: str, params: tuple[object, ...]) -> list[dict[str, Any]]:
-        conn = await self._connection()
-        try:
-            cur = await conn.execute(query.encode(), params)
-            rows = await cur.fetchall()
-            await conn.commit()
-        except psycopg.Error as exc:
-            if conn.broken:
-                self._conn = None
-            msg = f"alert query failed: {exc}"
-            raise AlertStoreError(msg) from exc
+        async with self._borrow() as conn:
+            try:
+                cur = await conn.execute(query.encode(), params)
+                rows = await cur.fetchall()
+                await conn.commit()
+            except psycopg.Error as exc:
+                msg = f"alert query failed: {exc}"
+                raise AlertStoreError(msg) from exc
         return rows
 
     async def get(self, alert_id: str) -> Alert | None:
         """One alert by id."""
         rows = await self._query("SELECT * FROM alerts WHERE id = %s", (alert_id,))
-        return _from_row(rows[0]) if rows else None
+        return alert_from_row(rows[0]) if rows else None
 
     async def open_alerts(self) -> list[Alert]:
         """Every alert that is not closed."""
         rows = await self._query(
             "SELECT * FROM alerts WHERE state <> 'closed' ORDER BY raised_at", ()
         )
-        return [_from_row(r) for r in rows]
+        return [alert_from_row(r) for r in rows]
 
     async def events(self, alert_id: str) -> list[dict[str, Any]]:
         """The transitions of one alert, oldest first."""
@@ -143,7 +182,17 @@ class AlertStore:
             VersionConflict: the stored alert is no longer at ``before.version``.
             AlertStoreError: the database failed.
         """
-        conn = await self._connection()
+        async with self._borrow() as conn:
+            await self._save_in(conn, before, after, event, run_id)
+
+    async def _save_in(
+        self,
+        conn: AsyncConnection[dict[str, Any]],
+        before: Alert | None,
+        after: Alert,
+        event: AlertEvent,
+        run_id: str | None,
+    ) -> None:
         try:
             async with conn.transaction():
                 if before is None:
@@ -163,7 +212,7 @@ class AlertStore:
                         row = await cur.fetchone()
                         if row is None:
                             raise
-                        raise AlertAlreadyOpen(_from_row(row)) from None
+                        raise AlertAlreadyOpen(alert_from_row(row)) from None
                 else:
                     cur = await conn.execute(
                         _UPDATE,
@@ -197,8 +246,6 @@ class AlertStore:
                     ),
                 )
         except psycopg.Error as exc:
-            if conn.broken:
-                self._conn = None
             msg = f"alert {after.id!r} not saved: {exc}"
             raise AlertStoreError(msg) from exc
 
@@ -212,26 +259,24 @@ class AlertStore:
         alert_ids: list[str],
     ) -> None:
         """Group alerts under an incident (flood control); not a lifecycle transition."""
-        conn = await self._connection()
-        try:
-            async with conn.transaction():
-                await conn.execute(
-                    "INSERT INTO incidents (id, district, opened_at, source)"
-                    " VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
-                    (incident_id, district, datetime.fromtimestamp(opened_at, UTC), source),
-                )
-                await conn.execute(
-                    "UPDATE alerts SET incident_id = %s WHERE id = ANY(%s)",
-                    (incident_id, alert_ids),
-                )
-        except psycopg.Error as exc:
-            if conn.broken:
-                self._conn = None
-            msg = f"incident {incident_id!r} not saved: {exc}"
-            raise AlertStoreError(msg) from exc
+        async with self._borrow() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO incidents (id, district, opened_at, source)"
+                        " VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                        (incident_id, district, datetime.fromtimestamp(opened_at, UTC), source),
+                    )
+                    await conn.execute(
+                        "UPDATE alerts SET incident_id = %s WHERE id = ANY(%s)",
+                        (incident_id, alert_ids),
+                    )
+            except psycopg.Error as exc:
+                msg = f"incident {incident_id!r} not saved: {exc}"
+                raise AlertStoreError(msg) from exc
 
     @staticmethod
     async def _get_in(conn: AsyncConnection[dict[str, Any]], alert_id: str) -> Alert | None:
         cur = await conn.execute("SELECT * FROM alerts WHERE id = %s", (alert_id,))
         row = await cur.fetchone()
-        return None if row is None else _from_row(row)
+        return None if row is None else alert_from_row(row)

@@ -20,6 +20,18 @@ async def until(cond: Callable[[], object], timeout_s: float = 20.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def until_sync(
+    cond: Callable[[], object], timeout_s: float = 20.0, what: str = "condition"
+) -> None:
+    """:func:`until` for synchronous fixtures: poll every 20 ms, AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            msg = f"{what} not met within {timeout_s} s"
+            raise AssertionError(msg)
+        time.sleep(0.02)
+
+
 def rows(url: str, query: str, *params: object) -> list[tuple[Any, ...]]:
     """All rows of one query, on a connection of its own."""
     with psycopg.connect(url) as conn:

@@ -1,0 +1,1 @@
+"""The REST routers of the control API, one module per resource."""
