@@ -27,8 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from control_api.audit import AuditLog
 from control_api.auth import AuthStore, Pool
 from control_api.context import ApiConfig, ApiContext
-from control_api.errors import ControlApiError, InvalidRange, SeriesNotFound
-from control_api.routes import admin, alerts, auth, cap, devices, health
+from control_api.errors import ControlApiError, HistoryUnavailable, InvalidRange, SeriesNotFound
+from control_api.jobs import jobs_lifespan
+from control_api.routes import admin, alerts, auth, cap, devices, health, history, ops
 from control_api.routes.alerts import ConflictError
 from rules import (
     AlertCommands,
@@ -108,6 +109,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SeriesNotFound)
     async def series_not_found(_: Request, exc: SeriesNotFound) -> Response:
         return _error(404, str(exc))
+
+    @app.exception_handler(HistoryUnavailable)
+    async def history_unavailable(_: Request, exc: HistoryUnavailable) -> Response:
+        return _error(503, str(exc))
 
     @app.exception_handler(ControlApiError)
     async def api_error(_: Request, exc: ControlApiError) -> Response:
@@ -208,6 +213,9 @@ def create_app(
             )
             ctx.city = _load_city(config.city)
             app.state.ctx = ctx
+            await stack.enter_async_context(
+                jobs_lifespan(ctx, recordings_dir=config.recordings_dir)
+            )
             if extra_lifespan is not None:
                 await stack.enter_async_context(extra_lifespan(ctx))
             log.info("control API ready (database pool %d..%d)", config.pool_min_size,
@@ -227,6 +235,6 @@ def create_app(
     )
     _install_error_handlers(app)
     _install_metrics(app)
-    for module in (health, auth, alerts, devices, cap, admin):
+    for module in (health, auth, alerts, devices, history, cap, ops, admin):
         app.include_router(module.router)
     return app

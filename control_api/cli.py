@@ -9,6 +9,7 @@ import getpass
 import socket
 import sys
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any
 
 from cityops.db import migrate
@@ -94,6 +95,7 @@ def api_config(
         allowed_origins=allowed_origins,
         client_id=client_id or f"cityops-api-{socket.gethostname()}-{settings.http_port}",
         live_from_broker=live_from_broker,
+        recordings_dir=Path(settings.data_dir) / "recordings",
     )
 
 

@@ -35,6 +35,8 @@ class ApiConfig:
     client_id: str = "cityops-api"
     live_from_broker: bool = True
     """Feed the live hub from the broker; ``cityops up`` feeds it in-process instead."""
+    recordings_dir: Path | None = None
+    """Where engineers' recordings are kept (``<CITYOPS_DATA_DIR>/recordings``)."""
     console_dir: Path | None = None
     """Built console assets to serve at ``/`` (none: API only)."""
 

@@ -13,6 +13,7 @@ from rules.alerts import (
     AlertSource,
     AlertState,
 )
+from rules.backtest import BacktestError, BacktestOptions, InputCounts, StoredRange, run_backtest
 from rules.baseline import BaselineBank, hour_of_week
 from rules.commands import AlertCommands, AlertNotFound
 from rules.durations import format_duration, parse_duration
@@ -43,6 +44,7 @@ from rules.model import (
     Severity,
     Subject,
 )
+from rules.report import BacktestReport, build_report
 from rules.service import AlertPublisher, MqttAlertPublisher
 from rules.store import AlertAlreadyOpen, AlertStore, AlertStoreError, alert_from_row
 from rules.window import SeriesWindow
@@ -71,6 +73,9 @@ __all__ = [
     "AlertState",
     "AlertStore",
     "AlertStoreError",
+    "BacktestError",
+    "BacktestOptions",
+    "BacktestReport",
     "BaselineBank",
     "Clock",
     "CorrelateCondition",
@@ -82,6 +87,7 @@ __all__ = [
     "FloodGrouper",
     "ForbiddenTransition",
     "Incident",
+    "InputCounts",
     "KindResolver",
     "LifecycleError",
     "MqttAlertPublisher",
@@ -94,13 +100,16 @@ __all__ = [
     "SeriesWindow",
     "Severity",
     "SignalKind",
+    "StoredRange",
     "Subject",
     "VersionConflict",
     "alert_from_row",
+    "build_report",
     "format_duration",
     "hour_of_week",
     "load_rules_text",
     "parse_duration",
     "parse_expression",
     "prefix_kind_resolver",
+    "run_backtest",
 ]

@@ -19,8 +19,25 @@ from simulators.errors import (
 )
 from simulators.layout import scale_city
 from simulators.model import CityModel, DeviceSpec, available_cities, load_city
-from simulators.recording import RecordedMessage, RecordingReader, RecordingWriter
-from simulators.replay import DRILL_PROPERTY, REPLAY_PREFIX, REPLAY_PROPERTY, rewrite_topic
+from simulators.mqtt import Endpoint, MqttPublisher, PublishCounts
+from simulators.recording import (
+    BLOCK_MAGIC,
+    FILE_HEADER,
+    RecordedMessage,
+    RecordingReader,
+    RecordingWriter,
+    decode_block,
+)
+from simulators.replay import (
+    DRILL_PROPERTY,
+    REPLAY_PREFIX,
+    REPLAY_PROPERTY,
+    PauseControl,
+    Replayer,
+    ReplayOptions,
+    rewrite_topic,
+)
+from simulators.runner import resolve_start
 from simulators.scenario import (
     FAULT_KINDS,
     ScenarioPlan,
@@ -30,18 +47,26 @@ from simulators.scenario import (
 )
 
 __all__ = [
+    "BLOCK_MAGIC",
     "DRILL_PROPERTY",
     "FAULT_KINDS",
+    "FILE_HEADER",
     "REPLAY_PREFIX",
     "REPLAY_PROPERTY",
     "CityModel",
     "CityModelError",
     "DeviceSpec",
+    "Endpoint",
     "MqttError",
+    "MqttPublisher",
+    "PauseControl",
+    "PublishCounts",
     "RecordedMessage",
     "RecordingError",
     "RecordingReader",
     "RecordingWriter",
+    "ReplayOptions",
+    "Replayer",
     "ScenarioError",
     "ScenarioPlan",
     "SimMessage",
@@ -50,8 +75,10 @@ __all__ = [
     "available_cities",
     "available_scenarios",
     "compile_plan",
+    "decode_block",
     "load_city",
     "load_scenario",
+    "resolve_start",
     "rewrite_topic",
     "scale_city",
 ]

@@ -9,6 +9,9 @@ CSRF token the way a browser does.
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import secrets
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -78,8 +81,13 @@ class ApiClient:
         return await self.request("POST", url, **kwargs)
 
 
+@functools.cache
+def _password_hash() -> str:
+    return hash_password(PASSWORD)  # argon2 takes ~0.3 s here: once per session
+
+
 def _seed_users(database_url: str) -> None:
-    digest = hash_password(PASSWORD)
+    digest = _password_hash()
     with psycopg.connect(database_url, autocommit=True) as conn:
         for role in ROLES:
             conn.execute(
@@ -133,16 +141,33 @@ async def anonymous(api: RunningApi) -> AsyncIterator[ApiClient]:
 
 
 async def signed_in(api: RunningApi, role: str) -> ApiClient:
-    """A new client signed in as the seeded user of ``role`` (close its ``http``)."""
+    """A new client signed in over HTTP as the seeded user of ``role`` (close its ``http``)."""
     client = ApiClient(httpx.AsyncClient(base_url=api.base_url, timeout=30))
     response = await client.login(role)
     assert response.status_code == 200, response.text
     return client
 
 
+def session_for(api: RunningApi, role: str) -> ApiClient:
+    """A client with a session row written directly (what a login stores), without argon2.
+
+    Tests of the login itself use :func:`signed_in`; the rest skip its 0.3 s hash.
+    """
+    secret, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    with psycopg.connect(api.database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO sessions (secret_sha256, user_name, csrf_token, expires_at)"
+            " VALUES (%s, %s, %s, now() + interval '1 hour')",
+            (hashlib.sha256(secret.encode()).digest(), role, csrf),
+        )
+    client = ApiClient(httpx.AsyncClient(base_url=api.base_url, timeout=30))
+    client.headers = {"Cookie": f"{SESSION_COOKIE}={secret}", CSRF_HEADER: csrf}
+    return client
+
+
 @pytest.fixture
 async def clients(api: RunningApi) -> AsyncIterator[dict[str, ApiClient]]:
     """One signed-in client per role."""
-    made: dict[str, ApiClient] = {role: await signed_in(api, role) for role in ROLES}
+    made: dict[str, ApiClient] = {role: session_for(api, role) for role in ROLES}
     yield made
     await asyncio.gather(*(c.http.aclose() for c in made.values()))
