@@ -8,6 +8,7 @@ hub and its feed from the broker; shutdown in reverse. Every error leaves as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -28,11 +29,17 @@ from control_api.audit import AuditLog
 from control_api.auth import AuthStore, Pool
 from control_api.context import ApiConfig, ApiContext
 from control_api.errors import ControlApiError, HistoryUnavailable, InvalidRange, SeriesNotFound
+from control_api.feed import BrokerFeed, run_staleness_feed
 from control_api.jobs import jobs_lifespan
-from control_api.routes import admin, alerts, auth, cap, devices, health, history, ops
+from control_api.live import LiveHub, SharedSnapshots, run_kpi_feed
+from control_api.routes import admin, alerts, auth, cap, devices, health, history, live, ops
 from control_api.routes.alerts import ConflictError
+from control_api.snapshot import Kpis, Snapshot, build_snapshot, query_kpis
+from ingest import BatchSource
 from rules import (
+    Alert,
     AlertCommands,
+    AlertEvent,
     AlertLifecycle,
     AlertPublisher,
     AlertStore,
@@ -172,10 +179,68 @@ async def open_pool(config: ApiConfig) -> AsyncIterator[Pool]:
         await pool.close()
 
 
+class _FanOut:
+    """Publishes each alert event to several publishers (the broker and the in-process hub)."""
+
+    def __init__(self, *publishers: AlertPublisher) -> None:
+        self._publishers = publishers
+
+    async def publish(self, alert: Alert, event: AlertEvent) -> None:
+        for publisher in self._publishers:
+            await publisher.publish(alert, event)
+
+
+def _snapshot_reader(pool: Pool, source: BatchSource) -> Callable[[], Awaitable[Snapshot]]:
+    async def read() -> Snapshot:
+        async with pool.connection() as conn:
+            return await build_snapshot(conn, source=source)
+
+    return read
+
+
+def _kpi_reader(pool: Pool) -> Callable[[], Awaitable[Kpis]]:
+    async def read() -> Kpis:
+        async with pool.connection() as conn:
+            return await query_kpis(conn)
+
+    return read
+
+
+@contextlib.asynccontextmanager
+async def _live(ctx: ApiContext, *, own_feed: bool) -> AsyncIterator[None]:
+    """The hub's background feeds, in a task group that ends with the process."""
+    config = ctx.config
+    ctx.snapshots = {
+        source: SharedSnapshots(_snapshot_reader(ctx.pool, source))
+        for source in ("live", "replay", "drill")
+    }
+
+    def connection(up: bool) -> None:
+        ctx.broker_connected = up
+
+    async with asyncio.TaskGroup() as tasks:
+        feeds = [
+            tasks.create_task(run_kpi_feed(ctx.hub, _kpi_reader(ctx.pool))),
+            tasks.create_task(run_staleness_feed(ctx.pool, ctx.hub)),
+        ]
+        if own_feed:
+            feed = BrokerFeed(
+                config.mqtt, hub=ctx.hub, client_id=f"{config.client_id}-live",
+                on_connection=connection,
+            )  # fmt: skip
+            feeds.append(tasks.create_task(feed.run()))
+        try:
+            yield
+        finally:
+            for task in feeds:
+                task.cancel()
+
+
 def create_app(
     config: ApiConfig,
     *,
     publisher: AlertPublisher | None = None,
+    hub: LiveHub | None = None,
     extra_lifespan: Callable[[ApiContext], contextlib.AbstractAsyncContextManager[None]]
     | None = None,
 ) -> FastAPI:
@@ -183,9 +248,12 @@ def create_app(
 
     Args:
         config: Where the database, broker and rules are.
-        publisher: Where alert events go (default: the broker, ``cityops/alerts/{id}``).
-        extra_lifespan: Runs inside the lifespan with the built context (the live
-            hub's feed; ``cityops up`` wires the in-process feed here).
+        publisher: Where alert events go (default: the broker, ``cityops/alerts/{id}``);
+            the live hub always gets them too.
+        hub: A live hub fed by the caller (``cityops up`` feeds it from the ingest
+            pipeline in process); by default the API makes one and feeds it from
+            the broker when ``config.live_from_broker``.
+        extra_lifespan: Runs inside the lifespan with the built context.
     """
 
     @contextlib.asynccontextmanager
@@ -200,6 +268,10 @@ def create_app(
                 mqtt_pub = MqttAlertPublisher(config.mqtt, client_id=f"{config.client_id}-alerts")
                 stack.push_async_callback(mqtt_pub.close)
                 pub = mqtt_pub
+            live_hub = hub if hub is not None else LiveHub()
+            if hub is not None or not config.live_from_broker:
+                # No broker feed brings this API's own events back: hand them over here.
+                pub = _FanOut(pub, live_hub)
             ctx = ApiContext(
                 config=config,
                 pool=pool,
@@ -209,12 +281,15 @@ def create_app(
                 lifecycle=lifecycle,
                 commands=AlertCommands(store=store, lifecycle=lifecycle, publisher=pub),
                 rule_set=rule_set,
-                hub=None,
+                hub=live_hub,
             )
             ctx.city = _load_city(config.city)
             app.state.ctx = ctx
             await stack.enter_async_context(
                 jobs_lifespan(ctx, recordings_dir=config.recordings_dir)
+            )
+            await stack.enter_async_context(
+                _live(ctx, own_feed=hub is None and config.live_from_broker)
             )
             if extra_lifespan is not None:
                 await stack.enter_async_context(extra_lifespan(ctx))
@@ -235,6 +310,6 @@ def create_app(
     )
     _install_error_handlers(app)
     _install_metrics(app)
-    for module in (health, auth, alerts, devices, history, cap, ops, admin):
+    for module in (health, auth, alerts, devices, history, cap, ops, admin, live):
         app.include_router(module.router)
     return app

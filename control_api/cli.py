@@ -124,6 +124,9 @@ def _api(args: argparse.Namespace) -> int:
         proxy_headers=bool(args.proxy),
         forwarded_allow_ips=",".join(args.proxy) or None,
         ws="websockets-sansio",
+        # Compression costs 3-8x the CPU per frame and client (bench/live.py):
+        # with 200 consoles it would starve the event loop.
+        ws_per_message_deflate=False,
     )
     return 0
 

@@ -59,6 +59,8 @@ class ApiContext:
     """The :class:`control_api.jobs.JobManager` of replays and simulations."""
     city: Any = None
     """The :class:`simulators.CityModel` (district areas for CAP and the map), if it loaded."""
+    snapshots: dict[str, Any] = field(default_factory=dict)
+    """Snapshot readers per source (``live``, ``replay``, ``drill``), shared by clients."""
     started_at: float = field(default_factory=time.time)
     broker_connected: bool = False
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -14,6 +14,16 @@ async def until(cond: Callable[[], object], timeout_s: float = 20.0) -> None:
     """Poll ``cond`` every 50 ms until it is true; AssertionError after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while not cond():
+        if time.monotonic() > deadline:
+            msg = f"condition not met within {timeout_s} s"
+            raise AssertionError(msg)
+        await asyncio.sleep(0.05)
+
+
+async def until_async(cond: Callable[[], Awaitable[bool]], timeout_s: float = 20.0) -> None:
+    """:func:`until` for a condition that must be awaited (an HTTP probe, a query)."""
+    deadline = time.monotonic() + timeout_s
+    while not await cond():
         if time.monotonic() > deadline:
             msg = f"condition not met within {timeout_s} s"
             raise AssertionError(msg)

@@ -101,7 +101,13 @@ def start_api(config: ApiConfig) -> tuple[uvicorn.Server, threading.Thread, str]
     app = create_app(config)
     server = uvicorn.Server(
         uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_config=None, lifespan="on", ws="websockets-sansio"
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_config=None,
+            lifespan="on",
+            ws="websockets-sansio",
+            ws_per_message_deflate=False,
         )
     )
     thread = threading.Thread(target=server.run, name="api-under-test", daemon=True)
