@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from cityops.db import migrate
 from cityops.errors import CityopsError
 from cityops.runtime import embedded_broker, embedded_postgres, rules_path, service_urls
 from cityops.settings import MqttEndpoint, Settings
+from control_api.errors import ControlApiError
 from rules.errors import RulesError
 
 log = logging.getLogger(__name__)
@@ -77,27 +80,74 @@ def _embedded_services(settings: Settings) -> Iterator[tuple[str, str]]:
         yield mqtt_url, database_url
 
 
-async def _serve(mqtt_url: str, database_url: str, args: argparse.Namespace) -> None:
-    """Ingest first (subscribed before anything publishes), then the simulator."""
-    from ingest import IngestConfig, IngestService, stop_on_signals  # noqa: PLC0415
+CONSOLE_DIST = Path(__file__).resolve().parent.parent / "console" / "dist"
 
+
+def _console_url(host: str, port: int) -> str:
+    # Browsers keep Secure cookies on http://localhost (a secure context) only.
+    shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
+    return f"http://{shown}:{port}/"
+
+
+async def _serve(mqtt_url: str, database_url: str, args: argparse.Namespace) -> None:
+    """Ingest and rules, then the API and console in the same process, then the simulator.
+
+    The live hub is fed in process: committed batches from the ingest
+    pipeline and alert events from the rules service, so nothing is parsed
+    twice. The first start creates the first admin and prints its one-time
+    password.
+    """
+    from control_api import (  # noqa: PLC0415 (the API is loaded only by the commands that serve it)
+        LiveHub,
+        api_config,
+        create_app,
+        embedded_server,
+        ensure_first_admin,
+    )
+    from ingest import IngestConfig, IngestService, stop_on_signals  # noqa: PLC0415
+    from rules import FanOutPublisher  # noqa: PLC0415
+
+    settings = Settings.from_env()
     config = IngestConfig(
         mqtt=MqttEndpoint.parse(mqtt_url),
         database_url=database_url,
         client_id="cityops-ingest-up",
         metrics_port=args.metrics_port,
-        rules_path=rules_path(Settings.from_env()),
+        rules_path=rules_path(settings),
     )
+    hub = LiveHub()
+    api = dataclasses.replace(
+        api_config(settings, mqtt_url, database_url, client_id="cityops-api-up"),
+        live_from_broker=False,
+        console_dir=CONSOLE_DIST if (CONSOLE_DIST / "index.html").is_file() else None,
+    )
+    app = create_app(api, hub=hub)
     env = {**os.environ, "CITYOPS_MQTT_URL": mqtt_url, "CITYOPS_DATABASE_URL": database_url}
-    async with stop_on_signals() as stop, IngestService(config) as ingest:
+    async with (
+        stop_on_signals() as stop,
+        IngestService(config, sinks=(hub,)) as ingest,
+        embedded_server(app, host=settings.http_host, port=settings.http_port) as port,
+    ):
+        if ingest.alerts is not None:
+            ingest.alerts.publisher = FanOutPublisher(ingest.alerts.publisher, hub)
         await ingest.wait_connected(30.0)
+        password = await ensure_first_admin(app.state.ctx.auth)
         simulator = None
         if not args.no_simulator:
             simulator = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "cityops.cli", "simulate", env=env
             )
+        login = (
+            f"admin / {password}   (one-time: shown this once, change it after signing in)"
+            if password
+            else "your account (first admin created earlier; `cityops users add` for more)"
+        )
         print(
             "cityops is up\n"
+            f"  console:  {_console_url(settings.http_host, port)}"
+            f"{'' if api.console_dir else '   (console not built: API only)'}\n"
+            f"  login:    {login}\n"
+            f"  api:      {_console_url(settings.http_host, port)}docs\n"
             f"  broker:   {mqtt_url}\n"
             f"  database: {redact(database_url)}\n"
             f"  metrics:  http://127.0.0.1:{args.metrics_port}/metrics\n"
@@ -121,7 +171,7 @@ def _up(args: argparse.Namespace) -> int:
             if applied:
                 log.info("migrations applied: %s", ", ".join(applied))
             asyncio.run(_serve(mqtt_url, database_url, args))
-    except (CityopsError, RulesError) as exc:
+    except (CityopsError, RulesError, ControlApiError) as exc:
         print(f"cityops up: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import Counter, Histogram
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
@@ -32,18 +34,18 @@ from control_api.errors import ControlApiError, HistoryUnavailable, InvalidRange
 from control_api.feed import BrokerFeed, run_staleness_feed
 from control_api.jobs import jobs_lifespan
 from control_api.live import LiveHub, SharedSnapshots, run_kpi_feed
-from control_api.routes import admin, alerts, auth, cap, devices, health, history, live, ops
+from control_api.routes import admin, alerts, auth, cap, city, devices, health, history, live, ops
 from control_api.routes.alerts import ConflictError
+from control_api.routes.city import register_city_devices
 from control_api.snapshot import Kpis, Snapshot, build_snapshot, query_kpis
 from ingest import BatchSource
 from rules import (
-    Alert,
     AlertCommands,
-    AlertEvent,
     AlertLifecycle,
     AlertPublisher,
     AlertStore,
     AlertStoreError,
+    FanOutPublisher,
     MqttAlertPublisher,
     RuleSet,
 )
@@ -129,6 +131,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def store_error(_: Request, exc: AlertStoreError) -> Response:
         return _error(503, str(exc))
 
+    @app.exception_handler(psycopg.DataError)
+    async def data_error(_: Request, exc: psycopg.DataError) -> Response:
+        # Input the database cannot hold (a NUL byte in a text, a number out of range).
+        return _error(422, f"invalid input: {exc.diag.message_primary or exc}")
+
     @app.exception_handler(PoolTimeout)
     async def pool_timeout(_: Request, exc: PoolTimeout) -> Response:
         return _error(503, f"database unavailable: {exc}")
@@ -177,17 +184,6 @@ async def open_pool(config: ApiConfig) -> AsyncIterator[Pool]:
         yield pool
     finally:
         await pool.close()
-
-
-class _FanOut:
-    """Publishes each alert event to several publishers (the broker and the in-process hub)."""
-
-    def __init__(self, *publishers: AlertPublisher) -> None:
-        self._publishers = publishers
-
-    async def publish(self, alert: Alert, event: AlertEvent) -> None:
-        for publisher in self._publishers:
-            await publisher.publish(alert, event)
 
 
 def _snapshot_reader(pool: Pool, source: BatchSource) -> Callable[[], Awaitable[Snapshot]]:
@@ -271,7 +267,7 @@ def create_app(
             live_hub = hub if hub is not None else LiveHub()
             if hub is not None or not config.live_from_broker:
                 # No broker feed brings this API's own events back: hand them over here.
-                pub = _FanOut(pub, live_hub)
+                pub = FanOutPublisher(pub, live_hub)
             ctx = ApiContext(
                 config=config,
                 pool=pool,
@@ -283,7 +279,10 @@ def create_app(
                 rule_set=rule_set,
                 hub=live_hub,
             )
-            ctx.city = _load_city(config.city)
+            ctx.city = _load_city(config.city) if config.city else None
+            if ctx.city is not None:
+                registered = await register_city_devices(pool, ctx.city)
+                log.info("city %s: %d devices registered", ctx.city.name, registered)
             app.state.ctx = ctx
             await stack.enter_async_context(
                 jobs_lifespan(ctx, recordings_dir=config.recordings_dir)
@@ -310,6 +309,9 @@ def create_app(
     )
     _install_error_handlers(app)
     _install_metrics(app)
-    for module in (health, auth, alerts, devices, history, cap, ops, admin, live):
+    for module in (health, auth, city, alerts, devices, history, cap, ops, admin, live):
         app.include_router(module.router)
+    if config.console_dir is not None:
+        # The console's static build at / (after the API routes, which take precedence).
+        app.mount("/", StaticFiles(directory=config.console_dir, html=True), name="console")
     return app

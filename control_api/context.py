@@ -22,8 +22,9 @@ class ApiConfig:
     database_url: str
     mqtt: MqttEndpoint
     rules_path: Path
-    city: str = "minamikawa"
-    """The city model (name or YAML path) for district areas in CAP and the console map."""
+    city: str | None = "minamikawa"
+    """The city model (name or YAML path) for district areas in CAP, the map and device
+    registration; None for none."""
     allowed_origins: tuple[str, ...] = ()
     """Extra browser origins allowed on the websocket besides the API's own."""
     login: LoginPolicy = field(default_factory=LoginPolicy)

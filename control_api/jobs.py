@@ -1191,7 +1191,7 @@ def jobs_lifespan(
             folder = getattr(ctx.config, "recordings_dir", None)
         manager = JobManager(
             endpoint=ctx.config.mqtt,
-            city=ctx.config.city,
+            city=ctx.config.city or "minamikawa",
             recordings_dir=None if folder is None else Path(folder),
             client_id=ctx.config.client_id,
             max_jobs=max_jobs,

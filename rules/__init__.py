@@ -45,7 +45,7 @@ from rules.model import (
     Subject,
 )
 from rules.report import BacktestReport, build_report
-from rules.service import AlertPublisher, MqttAlertPublisher
+from rules.service import AlertPublisher, FanOutPublisher, MqttAlertPublisher
 from rules.store import AlertAlreadyOpen, AlertStore, AlertStoreError, alert_from_row
 from rules.window import SeriesWindow
 
@@ -84,6 +84,7 @@ __all__ = [
     "Evaluator",
     "EvaluatorOptions",
     "ExpressionError",
+    "FanOutPublisher",
     "FloodGrouper",
     "ForbiddenTransition",
     "Incident",

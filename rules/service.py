@@ -61,6 +61,25 @@ class AlertPublisher(Protocol):
         """Publish one committed transition."""
 
 
+class FanOutPublisher:
+    """Publishes each alert event to several publishers in turn (the broker, a live hub)."""
+
+    def __init__(self, *publishers: AlertPublisher) -> None:
+        self.publishers = publishers
+
+    async def publish(self, alert: Alert, event: AlertEvent) -> None:
+        """Hand the event to every publisher."""
+        for publisher in self.publishers:
+            await publisher.publish(alert, event)
+
+    async def close(self) -> None:
+        """Close the publishers that can be closed."""
+        for publisher in self.publishers:
+            closer = getattr(publisher, "close", None)
+            if closer is not None:
+                await closer()
+
+
 class MqttAlertPublisher:
     """Publishes ``cityops/alerts/{id}`` (QoS 1) with aiomqtt; reconnects when needed.
 

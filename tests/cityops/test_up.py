@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import orjson
 import psycopg
 import pytest
@@ -19,9 +20,10 @@ from tests.mqtt_helpers import publish_all
 pytestmark = pytest.mark.slow
 
 
-def _start_up(data_dir: Path) -> tuple[subprocess.Popen[str], str, str]:
+def _start_up(data_dir: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CITYOPS_")}
     env["CITYOPS_DATA_DIR"] = str(data_dir)
+    env["CITYOPS_HTTP"] = "127.0.0.1:0"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -42,14 +44,13 @@ def _start_up(data_dir: Path) -> tuple[subprocess.Popen[str], str, str]:
     assert proc.stdout is not None
     banner: dict[str, str] = {}
     deadline = time.monotonic() + 90
-    while "database" not in banner or "broker" not in banner:
+    while not {"database", "broker", "console", "login"} <= banner.keys():
         assert time.monotonic() < deadline, "no banner from cityops up"
         line = proc.stdout.readline()
         assert line, f"cityops up exited with {proc.poll()}"
         key, _, value = line.strip().partition(":")
-        if key in ("broker", "database"):
-            banner[key] = value.strip()
-    return proc, banner["broker"], banner["database"]
+        banner[key] = value.strip()
+    return proc, banner
 
 
 def _stop(proc: subprocess.Popen[str]) -> int:
@@ -64,8 +65,20 @@ def _stop(proc: subprocess.Popen[str]) -> int:
 def test_up_runs_ingest_on_embedded_services_and_keeps_data_across_restarts() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="cityops-up-"))
     data_dir.chmod(0o755)
-    proc, broker, database = _start_up(data_dir)
+    proc, banner = _start_up(data_dir)
+    broker, database = banner["broker"], banner["database"]
     try:
+        # the first start creates the first admin and prints a one-time password
+        assert banner["login"].startswith("admin / ")
+        password_admin = banner["login"].split()[2]
+        console = banner["console"].split()[0]
+        assert console.startswith("http://localhost:")
+        api = console.replace("localhost", "127.0.0.1")
+        login = httpx.post(
+            f"{api}api/v1/auth/login", json={"name": "admin", "password": password_admin}
+        )
+        assert login.status_code == 200, login.text
+        assert login.json()["role"] == "admin"
         password = (data_dir / "postgres" / "password").read_text().strip()
         url = database.replace("***", password)
         publish_all(broker, [("city/facility/kita/up-1", orjson.dumps({"level": 3.5}))])
@@ -79,9 +92,10 @@ def test_up_runs_ingest_on_embedded_services_and_keeps_data_across_restarts() ->
             time.sleep(0.1)
     finally:
         assert _stop(proc) == 0
-    proc, broker2, _ = _start_up(data_dir)
+    proc, banner2 = _start_up(data_dir)
     try:
-        assert broker2 == broker  # same port reused
+        assert banner2["broker"] == broker  # same port reused
+        assert banner2["login"].startswith("your account")  # no second admin, no password
         with psycopg.connect(url) as conn:
             row = conn.execute(
                 "SELECT d.domain, d.district, r.value FROM readings r"

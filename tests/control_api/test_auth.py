@@ -149,3 +149,9 @@ async def test_state_changes_are_audited_with_actor_and_address(
     assert entry["actor"] == "admin"
     assert entry["target"] == "newbie"
     assert entry["remote_addr"] == "127.0.0.1"
+
+
+async def test_input_the_database_cannot_hold_is_a_clear_422(anonymous: ApiClient) -> None:
+    response = await anonymous.login("nul\x00byte", "whatever")
+    assert response.status_code == 422
+    assert "invalid input" in response.json()["error"]["message"]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import psycopg
 import pytest
 
+from cityops.runtime import DEFAULT_RULES
+from cityops.settings import MqttEndpoint
+from control_api.context import ApiConfig
 from tests.control_api.conftest import ApiClient, RunningApi
 from tests.control_api.test_alerts_api import Seeder
 from tests.polling import rows
@@ -31,6 +36,12 @@ def _seed_devices(database_url: str) -> None:
             "  CASE WHEN s.channel = 'state' THEN 'running' ELSE NULL END, now()"
             " FROM series s, generate_series(0, 9) g"
         )
+
+
+@pytest.fixture
+def api_config(api_config: ApiConfig) -> ApiConfig:
+    """No city model: only the devices seeded here exist."""
+    return dataclasses.replace(api_config, city=None)
 
 
 @pytest.fixture
@@ -125,3 +136,34 @@ async def test_readiness_reports_an_old_schema(api: RunningApi, anonymous: ApiCl
     assert ready.status_code == 503
     assert ready.json()["migrations_current"] is False
     assert "schema" in ready.json()["detail"][0]
+
+
+async def test_the_city_model_registers_devices_and_draws_districts(
+    database_url: str, mqtt_url: str
+) -> None:
+    """With a city model, its devices appear with kind and position before they report."""
+    from tests.control_api.conftest import _seed_users, session_for, start_api  # noqa: PLC0415
+
+    _seed_users(database_url)
+    config = ApiConfig(
+        database_url=database_url, mqtt=MqttEndpoint.parse(mqtt_url), rules_path=DEFAULT_RULES,
+        city="testville", client_id="api-test-city",
+    )  # fmt: skip
+    server, thread, base_url = start_api(config)
+    try:
+        running = RunningApi(base_url, database_url, config, server, server.config.app)
+        client = session_for(running, "operator")
+        city = (await client.get("/api/v1/city")).json()
+        assert city["name"] == "testville"
+        assert city["districts"]
+        south, west, north, east = city["bounds"]
+        assert south < north
+        assert west < east
+        listed = (await client.get("/api/v1/devices", params={"limit": 5000})).json()["items"]
+        assert len(listed) == city["devices"]
+        assert all(d["kind"] and d["lat"] is not None for d in listed)
+        assert {d["presence"] for d in listed} == {"unknown"}
+        await client.http.aclose()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
