@@ -94,7 +94,7 @@ def test_no_generated_request_fails_the_server(
 
         @given(case=operation.as_strategy())
         @settings(
-            max_examples=10,
+            max_examples=6,
             deadline=None,
             database=None,
             suppress_health_check=list(HealthCheck),
