@@ -132,10 +132,20 @@ install_venv() {
 
 install_console() {
   [ -f "$ROOT/console/package.json" ] || return 0
-  command -v npm >/dev/null || { log "npm missing: console assets not built"; return 0; }
-  if [ ! -d "$ROOT/console/node_modules" ] || [ "$ROOT/console/package.json" -nt "$ROOT/console/node_modules" ]; then
-    log "installing console packages from npm"
-    (cd "$ROOT/console" && npm install --no-audit --no-fund --loglevel=error && touch node_modules)
+  command -v npm >/dev/null || { log "npm missing: console not built (the API still serves)"; return 0; }
+  local console="$ROOT/console"
+  if [ ! -d "$console/node_modules" ] || [ "$console/package-lock.json" -nt "$console/node_modules" ]; then
+    log "installing console packages from the npm registry (package-lock.json)"
+    (cd "$console" && npm ci --no-audit --no-fund --loglevel=error && touch node_modules)
+  fi
+  # Build when the bundle is missing or any source is newer than it.
+  if [ ! -f "$console/dist/index.html" ] || \
+     [ -n "$(find "$console/src" "$console/index.html" "$console/package-lock.json" \
+             -newer "$console/dist/index.html" -print -quit)" ]; then
+    log "building the console"
+    (cd "$console" && npm run build --silent)
+  else
+    log "console build up to date"
   fi
 }
 
