@@ -124,21 +124,31 @@ class AlertLifecycle:
     # -- condition edges ---------------------------------------------------------
 
     def raise_(
-        self, signal: AlertSignal, existing: Alert | None = None, *, source: AlertSource = "live"
+        self,
+        signal: AlertSignal,
+        existing: Alert | None = None,
+        *,
+        source: AlertSource = "live",
+        out_of_service: bool = False,
     ) -> tuple[Alert, AlertEvent]:
         """A rule's condition became active.
 
         With no open alert (``existing`` ``None`` or closed) a new alert opens:
-        ``active_unacked``, or ``suppressed`` when the signal is suppressed or
-        the source is a replay or drill (they never page). On an open alert
-        the occurrence count rises and a cleared one becomes active again.
+        ``active_unacked``; ``out_of_service`` when the device is under
+        maintenance; ``suppressed`` when the signal is suppressed or the
+        source is a replay or drill (they never page). On an open alert the
+        occurrence count rises and a cleared one becomes active again.
         """
         at = self.clock.now()
         rule = self.rules.get(signal.rule_id)
         notify = rule.ack_role if rule is not None else None
         if existing is None or existing.state == "closed":
-            parked = signal.suppressed or source != "live"
-            state: AlertState = "suppressed" if parked else "active_unacked"
+            parked = signal.suppressed or source != "live" or out_of_service
+            state: AlertState = "active_unacked"
+            if source != "live" or signal.suppressed:
+                state = "suppressed"
+            elif out_of_service:
+                state = "out_of_service"
             alert = Alert(
                 id=self.new_id(),
                 rule_id=signal.rule_id,

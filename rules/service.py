@@ -182,6 +182,8 @@ class AlertService:
         self.applied = 0
         self.floods = {"live": FloodGrouper(), "replay": FloodGrouper(), "drill": FloodGrouper()}
         self._reload_error: str | None = None
+        self.out_of_service: frozenset[str] = frozenset()
+        """Devices under maintenance: their new alerts open as ``out_of_service``."""
 
     # -- sink (on the event loop, right after a commit) ----------------------
 
@@ -247,6 +249,7 @@ class AlertService:
             if now >= next_tick:
                 next_tick = now + self.options.tick_interval_s
                 await self._reload_if_changed()
+                await self._refresh_out_of_service()
                 for source, evaluator in self._evaluators.items():
                     self._pending.extend((s, source) for s in evaluator.tick())
                 await self._advance_timers()
@@ -256,12 +259,20 @@ class AlertService:
                 async with asyncio.timeout(next_tick - now):
                     await self._wake.wait()
 
+    async def _refresh_out_of_service(self) -> None:
+        """Learn which devices people put out of service (the API sets the flag)."""
+        try:
+            self.out_of_service = await self.store.out_of_service_devices()
+        except AlertStoreError as exc:
+            log.warning("out-of-service devices not refreshed: %s", exc)
+
     async def _apply_signal(self, signal: AlertSignal, source: AlertSource) -> None:
         lifecycle = self.lifecycle
 
         def transition(existing: Alert | None) -> tuple[Alert, AlertEvent] | None:
             if signal.kind == "raise":
-                return lifecycle.raise_(signal, existing, source=source)
+                oos = signal.device_id is not None and signal.device_id in self.out_of_service
+                return lifecycle.raise_(signal, existing, source=source, out_of_service=oos)
             if existing is None or existing.state == "closed":
                 return None  # nothing open to clear
             return lifecycle.clear(existing, signal)

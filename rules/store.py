@@ -166,6 +166,11 @@ class AlertStore:
         )
         return [alert_from_row(r) for r in rows]
 
+    async def out_of_service_devices(self) -> frozenset[str]:
+        """Ids of the devices under maintenance."""
+        rows = await self._query("SELECT id FROM devices WHERE out_of_service", ())
+        return frozenset(str(r["id"]) for r in rows)
+
     async def events(self, alert_id: str) -> list[dict[str, Any]]:
         """The transitions of one alert, oldest first."""
         return await self._query(

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import orjson
+import psycopg
 import pytest
 
 from rules.alerts import Actor, Alert, AlertEvent
@@ -257,3 +258,33 @@ async def test_every_people_action_is_stored_as_an_event_with_actor_and_note(
     assert _rows(database_url, "SELECT state, assignee FROM alerts WHERE id = %s", alert.id) == [
         ("closed", "ken")
     ]
+
+
+async def test_a_device_put_out_of_service_opens_its_new_alerts_out_of_service(
+    ingest_service: ServiceFactory, mqtt_url: str, database_url: str, tmp_path: Path
+) -> None:
+    rules_file = tmp_path / "r.yaml"
+    rules_file.write_text(LOW.format(threshold=2, ack_timeout="1s"))
+    device = f"tank-{uuid.uuid4().hex[:6]}"
+    topic = f"city/facility/kita/{device}"
+    async with ingest_service(rules_path=rules_file) as svc:
+        assert svc.alerts is not None
+        # the device registers on its first (normal) reading; then maintenance starts
+        await asyncio.to_thread(
+            publish_all, mqtt_url, [(topic, orjson.dumps({"ts": time.time(), "level": 5.0}))]
+        )
+        await _until(lambda: _rows(database_url, "SELECT 1 FROM devices WHERE id = %s", device))
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("UPDATE devices SET out_of_service = true WHERE id = %s", (device,))
+        await _until(lambda: svc.alerts is not None and device in svc.alerts.out_of_service)
+        await asyncio.to_thread(
+            publish_all, mqtt_url, [(topic, orjson.dumps({"ts": time.time(), "level": 1.0}))]
+        )
+        query = (
+            "SELECT a.state, e.notify FROM alerts a JOIN alert_events e ON e.alert_id = a.id"
+            " WHERE a.device_id = %s ORDER BY e.version"
+        )
+        await _until(lambda: len(_rows(database_url, query, device)) == 1)
+        # past the ack timeout: an out-of-service alert neither pages nor escalates
+        await asyncio.sleep(1.5)
+    assert _rows(database_url, query, device) == [("out_of_service", None)]

@@ -378,3 +378,15 @@ def test_assign_comment_and_audit_fields(lc: AlertLifecycle) -> None:
     )
     with pytest.raises(VersionConflict):
         lc.comment(alert, ANA, "stale", expected_version=1)
+
+
+
+def test_a_raise_for_a_device_out_of_service_opens_parked_and_pages_nobody(
+    lc: AlertLifecycle,
+) -> None:
+    alert, event = lc.raise_(signal(), out_of_service=True)
+    assert alert.state == "out_of_service"
+    assert event.notify is None
+    # maintenance over: the alert counts again, as active and unacknowledged
+    back, _ = lc.return_to_service(alert, ADMIN, "", alert.version)
+    assert back.state == "active_unacked"
