@@ -4,9 +4,9 @@ Run: ``.venv/bin/python -m bench.live`` (about two minutes). No broker and no
 database: the hub is fed synthetic committed batches.
 
 * A server child process runs uvicorn with two websocket endpoints and a
-  feeder: ``/live`` is :func:`control_api.live.serve_live` over a
+  feeder: ``/live`` is :func:`control_api.live_ws.serve_live` over a
   :class:`control_api.live.LiveHub` (snapshots from the hub's memory, shared
-  with :class:`control_api.live.SharedSnapshots`); ``/naive`` is the
+  with :class:`control_api.live_ws.SharedSnapshots`); ``/naive`` is the
   baseline, a broadcaster that sends every reading to every client as its own
   JSON message, through an unbounded queue per client, without coalescing or
   filtering.
@@ -61,7 +61,8 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import ClientConnection, connect
 
-from control_api.live import LiveHub, ServeOptions, SharedSnapshots, serve_live
+from control_api.live import LiveHub
+from control_api.live_ws import ServeOptions, SharedSnapshots, serve_live
 from control_api.snapshot import Snapshot
 from ingest import DOMAINS, CommittedBatch, DeviceRef, Reading
 

@@ -33,7 +33,8 @@ from control_api.context import ApiConfig, ApiContext
 from control_api.errors import ControlApiError, HistoryUnavailable, InvalidRange, SeriesNotFound
 from control_api.feed import BrokerFeed, run_staleness_feed
 from control_api.jobs import jobs_lifespan
-from control_api.live import LiveHub, SharedSnapshots, run_kpi_feed
+from control_api.live import LiveHub
+from control_api.live_ws import SharedSnapshots, run_kpi_feed
 from control_api.routes import admin, alerts, auth, cap, city, devices, health, history, live, ops
 from control_api.routes.alerts import ConflictError
 from control_api.routes.city import register_city_devices

@@ -17,20 +17,44 @@ raises on purpose. Leaves, named for what the caller can do:
   and its ``RunNotFound`` (a replay run nobody recorded), and
   ``HistoryUnavailable`` (the database failed or exceeded the configured
   statement timeout, which the message names; retry later).
+* live: ``LiveProtocolError`` (a client message or query parameter the live
+  protocol does not accept; also a ``ValueError``) and ``SnapshotUnavailable``
+  (the console snapshot could not be read: the database failed).
+* engineer jobs and backtests, under ``JobError`` (the routes map them):
+  ``JobNotFound`` and ``RecordingNotFound`` (404), ``InvalidJobRequest``
+  (422; also a ``ValueError``), ``JobStateConflict`` (409), ``TooManyJobs``
+  and ``BacktestBusy`` (429), ``JobStartFailed`` and ``BacktestUnavailable``
+  (503).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from control_api.job_types import JobKind
+
 __all__ = [
     "AuthenticationFailed",
+    "BacktestBusy",
+    "BacktestUnavailable",
     "CapError",
     "ControlApiError",
     "HistoryUnavailable",
+    "InvalidJobRequest",
     "InvalidQuery",
     "InvalidRange",
+    "JobError",
+    "JobNotFound",
+    "JobStartFailed",
+    "JobStateConflict",
+    "LiveProtocolError",
     "LoginRateLimited",
+    "RecordingNotFound",
     "RunNotFound",
     "SeriesNotFound",
+    "SnapshotUnavailable",
+    "TooManyJobs",
     "UserExists",
     "UserNotFound",
 ]
@@ -107,3 +131,52 @@ class HistoryUnavailable(ControlApiError):
     It failed, or the query ran past the configured statement timeout (the
     message names it). Nothing is wrong with the request: retry later.
     """
+
+
+class LiveProtocolError(ControlApiError, ValueError):
+    """A client message or query parameter the live protocol does not accept."""
+
+
+class SnapshotUnavailable(ControlApiError):
+    """The snapshot could not be read (database unreachable or a query failed)."""
+
+
+class JobError(ControlApiError):
+    """Root of the errors of engineer jobs and backtests."""
+
+
+class JobNotFound(JobError):
+    """No job of that kind and id (ended jobs are forgotten past the history size)."""
+
+    def __init__(self, kind: JobKind, job_id: str) -> None:
+        super().__init__(f"no {kind} {job_id!r}")  # each kind is its own noun (jobs._NOUNS)
+        self.kind = kind
+        self.job_id = job_id
+
+
+class RecordingNotFound(JobError):
+    """No recording of that name in the recordings folder."""
+
+
+class InvalidJobRequest(JobError, ValueError):
+    """A request that cannot be served as given: bad name, window, speed, scenario or range."""
+
+
+class JobStateConflict(JobError):
+    """The job's state does not allow the action (it has ended)."""
+
+
+class TooManyJobs(JobError):
+    """``max_jobs`` jobs are running or paused already."""
+
+
+class JobStartFailed(JobError):
+    """The job could not start publishing (the broker is unreachable)."""
+
+
+class BacktestBusy(JobError):
+    """``max_backtests`` backtests are running already."""
+
+
+class BacktestUnavailable(JobError):
+    """The backtest could not run: the database failed, or it ran past its time limit."""

@@ -33,20 +33,18 @@ the ``cityops-replay`` user property, unless it was started with mode
 ``cityops-drill: {job_id}``. Retained flags are dropped either way, so a job
 leaves no state on the broker. The job id is the run id.
 
-Backtests are request/response, not jobs, but the manager bounds them too:
-at most ``max_backtests`` at once on a pool of their own, each over at most
-``max_backtest_range_s`` of stored history and abandoned after
-``backtest_timeout_s``, so the event loop is never blocked by one.
+Backtests are request/response, not jobs, but the manager bounds them too,
+through the :class:`control_api.backtests.BacktestRunner` it owns. The
+recordings a replay may use are those of its
+:class:`control_api.recordings.RecordingFolder`. The requests and snapshots
+it takes and returns are in :mod:`control_api.job_types`.
 
 Jobs live in memory: a restart forgets them (the audit log keeps who started
 and stopped what). Ended jobs are kept for listing, the newest
 ``history_size`` of them.
 
-Errors (all :class:`control_api.errors.ControlApiError`; the routes map them):
-:class:`JobNotFound` and :class:`RecordingNotFound` (404),
-:class:`InvalidJobRequest` (422), :class:`JobStateConflict` (409),
-:class:`TooManyJobs` and :class:`BacktestBusy` (429), :class:`JobStartFailed`
-and :class:`BacktestUnavailable` (503).
+Errors: the :class:`control_api.errors.JobError` leaves (listed, with the
+status the routes map them to, in :mod:`control_api.errors`).
 """
 
 from __future__ import annotations
@@ -55,38 +53,40 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import secrets
-import struct
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Final, Literal
+from typing import Any, Final
 
-import zstandard
-
+from control_api.backtests import BacktestOutcome, BacktestRunner
 from control_api.context import ApiContext
-from control_api.errors import ControlApiError
-from rules import (
-    AlertSignal,
-    BacktestError,
-    BacktestOptions,
-    BacktestReport,
-    InputCounts,
-    Rule,
-    StoredRange,
-    build_report,
-    run_backtest,
+from control_api.errors import (
+    InvalidJobRequest,
+    JobNotFound,
+    JobStartFailed,
+    JobStateConflict,
+    TooManyJobs,
 )
+from control_api.job_types import (
+    MAX_SIMULATION_S,
+    MAX_SPEED,
+    JobKind,
+    JobProgress,
+    JobSnapshot,
+    JobState,
+    Mode,
+    ReplayRequest,
+    SimulationRequest,
+)
+from control_api.recordings import RecordingFolder, RecordingInfo
+from rules import Rule
 from simulators import (
-    BLOCK_MAGIC,
-    FILE_HEADER,
     REPLAY_PREFIX,
     Endpoint,
     MqttPublisher,
@@ -101,285 +101,25 @@ from simulators import (
     SimulatorError,
     available_scenarios,
     compile_plan,
-    decode_block,
     load_city,
     load_scenario,
     resolve_start,
     scale_city,
 )
 
-__all__ = [
-    "DEFAULT_MAX_JOBS",
-    "BacktestBusy",
-    "BacktestOutcome",
-    "BacktestUnavailable",
-    "InvalidJobRequest",
-    "JobError",
-    "JobKind",
-    "JobManager",
-    "JobNotFound",
-    "JobProgress",
-    "JobSnapshot",
-    "JobStartFailed",
-    "JobState",
-    "JobStateConflict",
-    "Mode",
-    "RecordingInfo",
-    "RecordingNotFound",
-    "ReplayRequest",
-    "SimulationRequest",
-    "TimeMode",
-    "TooManyJobs",
-    "jobs_lifespan",
-    "read_recording_info",
-]
+__all__ = ["DEFAULT_MAX_JOBS", "JobManager", "jobs_lifespan"]
 
 log = logging.getLogger(__name__)
 
-JobKind = Literal["replay", "simulation"]
-JobState = Literal["running", "paused", "stopped", "finished", "failed"]
-Mode = Literal["sandbox", "drill"]
-"""``sandbox``: ``cityops/replay/{job_id}/…``; ``drill``: the live topics, marked as a drill."""
-TimeMode = Literal["shift", "scale", "keep"]
-"""Payload timestamps: shifted to now, shifted and scaled by the speed, or kept."""
-
 DEFAULT_MAX_JOBS: Final = 4
-MAX_SPEED: Final = 10_000.0
-MAX_SIMULATION_S: Final = 7 * 86_400.0
 AS_FAST_AS_POSSIBLE_DEFAULT_S: Final = 3_600.0
 """Simulated length of an unbounded simulation at speed 0 (as ``cityops simulate`` does)."""
-_RECORDING_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_BLOCK_HEAD: Final = struct.Struct("<4sIII")
-"""A recording block's head: magic, compressed size, CRC, message count (simulators.recording)."""
 _NOUNS: Final[dict[JobKind, str]] = {"replay": "replay", "simulation": "simulation"}
 _ID_PREFIX: Final[dict[JobKind, str]] = {"replay": "rp", "simulation": "sim"}
 _PARTICIPLES: Final = {"pause": "paused", "resume": "resumed", "stop": "stopped"}
 
 
-# -- errors --------------------------------------------------------------------------
-
-
-class JobError(ControlApiError):
-    """Root of the errors of engineer jobs and backtests."""
-
-
-class JobNotFound(JobError):
-    """No job of that kind and id (ended jobs are forgotten past the history size)."""
-
-    def __init__(self, kind: JobKind, job_id: str) -> None:
-        super().__init__(f"no {_NOUNS[kind]} {job_id!r}")
-        self.kind = kind
-        self.job_id = job_id
-
-
-class RecordingNotFound(JobError):
-    """No recording of that name in the recordings folder."""
-
-
-class InvalidJobRequest(JobError, ValueError):
-    """A request that cannot be served as given: bad name, window, speed, scenario or range."""
-
-
-class JobStateConflict(JobError):
-    """The job's state does not allow the action (it has ended)."""
-
-
-class TooManyJobs(JobError):
-    """``max_jobs`` jobs are running or paused already."""
-
-
-class JobStartFailed(JobError):
-    """The job could not start publishing (the broker is unreachable)."""
-
-
-class BacktestBusy(JobError):
-    """``max_backtests`` backtests are running already."""
-
-
-class BacktestUnavailable(JobError):
-    """The backtest could not run: the database failed, or it ran past its time limit."""
-
-
-# -- recordings ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RecordingInfo:
-    """What the block heads of a recording say, plus its first and last message time.
-
-    Attributes:
-        name: File name inside the recordings folder.
-        size_bytes: File size.
-        modified_at: Last modification, epoch seconds.
-        messages: Messages in the readable blocks (from the block heads).
-        first_t: Receive time of the first message, if any.
-        last_t: Receive time of the last message, if any.
-        complete: Every byte belongs to a well-framed block (no torn tail, no
-            damage); an incomplete recording still replays its good blocks.
-    """
-
-    name: str
-    size_bytes: int
-    modified_at: float
-    messages: int
-    first_t: float | None
-    last_t: float | None
-    complete: bool
-
-    @property
-    def duration_s(self) -> float | None:
-        """Seconds from the first to the last message."""
-        if self.first_t is None or self.last_t is None:
-            return None
-        return self.last_t - self.first_t
-
-
-def _block_times(handle: BinaryIO, offset: int) -> list[RecordedMessage]:
-    handle.seek(offset)
-    head = handle.read(_BLOCK_HEAD.size)
-    size = _BLOCK_HEAD.unpack(head)[1]
-    return decode_block(head, handle.read(size), zstandard.ZstdDecompressor())
-
-
-def read_recording_info(path: Path) -> RecordingInfo:
-    """Summarise a recording from its block heads; only the first and last block are decoded.
-
-    Blocking (file I/O): call it from a thread.
-
-    Raises:
-        RecordingError: the file cannot be read or is not a cityops recording.
-    """
-    try:
-        stat = path.stat()
-        with path.open("rb") as handle:
-            header = handle.read(len(FILE_HEADER))
-            if header[:8] != FILE_HEADER[:8]:
-                msg = f"{path.name!r} is not a cityops recording (bad header)"
-                raise RecordingError(msg)
-            pos, messages, complete = len(FILE_HEADER), 0, True
-            first_block: int | None = None
-            last_block: int | None = None
-            while pos < stat.st_size:
-                handle.seek(pos)
-                head = handle.read(_BLOCK_HEAD.size)
-                if len(head) < _BLOCK_HEAD.size:
-                    complete = False
-                    break
-                magic, size, _crc, count = _BLOCK_HEAD.unpack(head)
-                if magic != BLOCK_MAGIC or pos + _BLOCK_HEAD.size + size > stat.st_size:
-                    complete = False  # damaged or torn: the reader scans past it, we stop here
-                    break
-                if count:
-                    first_block = pos if first_block is None else first_block
-                    last_block = pos
-                messages += count
-                pos += _BLOCK_HEAD.size + size
-            first_t = last_t = None
-            try:
-                if first_block is not None and last_block is not None:
-                    first_t = _block_times(handle, first_block)[0].t
-                    last_t = _block_times(handle, last_block)[-1].t
-            except (RecordingError, IndexError):
-                complete = False
-    except OSError as exc:
-        msg = f"cannot read recording {path.name!r}: {exc.strerror}"
-        raise RecordingError(msg) from exc
-    return RecordingInfo(
-        name=path.name,
-        size_bytes=stat.st_size,
-        modified_at=stat.st_mtime,
-        messages=messages,
-        first_t=first_t,
-        last_t=last_t,
-        complete=complete,
-    )
-
-
-# -- requests and views --------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayRequest:
-    """A replay to start.
-
-    Attributes:
-        recording: File name in the recordings folder.
-        speed: Pacing factor; 0 publishes as fast as possible.
-        from_s: Window start, seconds after the first message.
-        to_s: Window end (excluded), seconds after the first message.
-        mode: ``sandbox`` (default) or ``drill`` (live topics, marked).
-        time_mode: How payload timestamps move (``shift`` to now by default).
-    """
-
-    recording: str
-    speed: float = 1.0
-    from_s: float | None = None
-    to_s: float | None = None
-    mode: Mode = "sandbox"
-    time_mode: TimeMode = "shift"
-
-
-@dataclass(frozen=True, slots=True)
-class SimulationRequest:
-    """A simulation of the API's city to start.
-
-    Attributes:
-        scenario: A shipped scenario name, or ``None`` for an ordinary day.
-        speed: Simulated seconds per second; 0 publishes as fast as possible.
-        seed: The seed (the same seed gives the same messages).
-        duration_s: Simulated seconds to run (default: the scenario's length;
-            unbounded without a scenario, except at speed 0: one hour).
-        devices: Scale the city to this many devices.
-        mode: ``sandbox`` (default) or ``drill``.
-        time_mode: How payload timestamps move (``shift``: the first reading at now).
-    """
-
-    scenario: str | None = None
-    speed: float = 1.0
-    seed: int = 1
-    duration_s: float | None = None
-    devices: int | None = None
-    mode: Mode = "sandbox"
-    time_mode: TimeMode = "shift"
-
-
-@dataclass(frozen=True, slots=True)
-class JobProgress:
-    """How far a job got.
-
-    Attributes:
-        published: Messages handed to the broker.
-        acked: Of those, acknowledged (QoS 1) or written (QoS 0).
-        position_s: Recording (or simulated) seconds from the window start to
-            the message being published.
-        total_s: Length of the window or simulation, when known.
-        fraction: ``position_s / total_s`` (1.0 once finished), when known.
-        total_messages: Messages to publish, when known (a whole recording).
-    """
-
-    published: int
-    acked: int
-    position_s: float
-    total_s: float | None
-    fraction: float | None
-    total_messages: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class JobSnapshot:
-    """A job as it is now (times in epoch seconds)."""
-
-    id: str
-    kind: JobKind
-    state: JobState
-    mode: Mode
-    topic_prefix: str
-    parameters: Mapping[str, Any]
-    started_by: str
-    started_at: float
-    ended_at: float | None
-    error: str | None
-    progress: JobProgress
+# -- job state -----------------------------------------------------------------------
 
 
 class _WorkerControl(PauseControl):
@@ -479,21 +219,6 @@ class _Outcome:
     error: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class BacktestOutcome:
-    """A backtest over stored readings.
-
-    Attributes:
-        report: The alerts that would have fired and their quality figures.
-        districts: The district of each alert subject.
-        elapsed_s: Wall time the run took.
-    """
-
-    report: BacktestReport
-    districts: Mapping[str, str]
-    elapsed_s: float
-
-
 def _simulation_messages(sim: Simulation, until: float) -> Iterator[RecordedMessage]:
     """A simulation's messages as a recording would hold them, ending with the clean offlines."""
     for m in sim.run(until):
@@ -506,49 +231,6 @@ def _check_speed(speed: float) -> None:
     if not (math.isfinite(speed) and 0 <= speed <= MAX_SPEED):
         msg = f"speed {speed} must be 0 (as fast as possible) or up to {MAX_SPEED:.0f}"
         raise InvalidJobRequest(msg)
-
-
-def _stored_backtest(
-    rules: Sequence[Rule],
-    *,
-    label: str,
-    database_url: str,
-    start: float,
-    end: float,
-    tick_s: float,
-    connect_timeout_s: float,
-    give_up: Callable[[], str | None],
-) -> BacktestOutcome:
-    """Run one rule set over ``[start, end)`` of stored readings (blocking: a worker thread)."""
-    began = time.monotonic()
-    counts = InputCounts()
-
-    def progress(_done_s: float, _counts: InputCounts) -> None:
-        reason = give_up()
-        if reason is not None:
-            raise BacktestUnavailable(reason)
-
-    stored = StoredRange(database_url, start=start, end=end, connect_timeout_s=connect_timeout_s)
-    source = stored.description
-    with stored:
-        run = run_backtest(
-            [rules],
-            stored.observations(counts),
-            counts=counts,
-            start=start,
-            end=end,
-            options=BacktestOptions(tick_s=tick_s),
-            kind_of=stored.kind_of,
-            progress=progress,
-        )
-    signals: tuple[AlertSignal, ...] = run.signals[0]
-    districts: dict[str, str] = {}
-    for signal in signals:
-        districts.setdefault(signal.subject, signal.district)
-    report = build_report(
-        signals, rules=label, start=run.start, end=run.end, inputs=counts.summary(source)
-    )
-    return BacktestOutcome(report, districts, time.monotonic() - began)
 
 
 # -- the manager ---------------------------------------------------------------------
@@ -601,29 +283,47 @@ class JobManager:
             raise ValueError(msg)
         self._endpoint = endpoint
         self._city = city
-        self.recordings_dir = recordings_dir
+        self._recordings = RecordingFolder(recordings_dir)
         self._client_id = client_id
         self.max_jobs = max_jobs
         self._history_size = history_size
         self._connect_timeout_s = connect_timeout_s
         self._pause_confirm_s = pause_confirm_s
         self._stop_wait_s = stop_wait_s
-        self.max_backtests = max_backtests
-        self.max_backtest_range_s = max_backtest_range_s
-        self.backtest_timeout_s = backtest_timeout_s
-        self._db_connect_timeout_s = db_connect_timeout_s
         self._clock = clock
         self._jobs: dict[str, _Job] = {}
         self._reserved = 0
-        self._backtests = 0
-        self._closing = threading.Event()
         self._stack: contextlib.AsyncExitStack | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._info_cache: dict[tuple[str, int, int], RecordingInfo] = {}
         # One thread per job slot: a job never waits for, or starves, the default pool.
         self._workers = ThreadPoolExecutor(max_jobs, thread_name_prefix="cityops-job")
-        self._backtest_pool = ThreadPoolExecutor(max_backtests, thread_name_prefix="cityops-bt")
+        self._backtests = BacktestRunner(
+            max_backtests=max_backtests,
+            max_range_s=max_backtest_range_s,
+            timeout_s=backtest_timeout_s,
+            db_connect_timeout_s=db_connect_timeout_s,
+        )
+
+    @property
+    def recordings_dir(self) -> Path | None:
+        """The recordings folder (``None``: no recordings)."""
+        return self._recordings.folder
+
+    @property
+    def max_backtests(self) -> int:
+        """Backtests running at once."""
+        return self._backtests.max_backtests
+
+    @property
+    def max_backtest_range_s(self) -> float:
+        """Longest stored range a backtest may read."""
+        return self._backtests.max_range_s
+
+    @property
+    def backtest_timeout_s(self) -> float:
+        """A backtest running longer is abandoned."""
+        return self._backtests.timeout_s
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -633,7 +333,7 @@ class JobManager:
             # Unwound in reverse: stop every job, wait for the TaskGroup (each supervisor
             # returns once its worker thread has ended), then release the thread pools.
             stack.callback(self._workers.shutdown, wait=False, cancel_futures=True)
-            stack.callback(self._backtest_pool.shutdown, wait=False, cancel_futures=True)
+            stack.callback(self._backtests.shutdown)
             self._tg = await stack.enter_async_context(asyncio.TaskGroup())
             stack.push_async_callback(self._stop_all)
             self._stack = stack.pop_all()
@@ -651,7 +351,7 @@ class JobManager:
             await stack.__aexit__(exc_type, exc, tb)
 
     async def _stop_all(self) -> None:
-        self._closing.set()  # running backtests give up at their next progress check
+        self._backtests.close()  # running backtests give up at their next progress check
         active = [job for job in self._jobs.values() if not job.done.is_set()]
         for job in active:
             job.control.stop()
@@ -676,55 +376,11 @@ class JobManager:
             InvalidJobRequest: ``name`` is not a plain file name (no folders, no ``..``).
             RecordingNotFound: there is no such recording.
         """
-        if _RECORDING_NAME.fullmatch(name) is None:
-            msg = (
-                f"recording name {name!r} must be a plain file name: letters, digits, '.', '_' "
-                "and '-', starting with a letter or digit, at most 128 characters"
-            )
-            raise InvalidJobRequest(msg)
-        folder = self.recordings_dir
-        if folder is None:
-            msg = f"no recording {name!r}: this API has no recordings folder configured"
-            raise RecordingNotFound(msg)
-        path = folder / name
-        try:
-            inside = path.resolve().parent == folder.resolve()
-        except OSError:
-            inside = False
-        if not inside or not path.is_file():
-            msg = f"no recording {name!r} in {str(folder)!r}"
-            raise RecordingNotFound(msg)
-        return path
-
-    def _info(self, path: Path) -> RecordingInfo:
-        """:func:`read_recording_info`, cached until the file changes (blocking)."""
-        stat = path.stat()
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
-        info = self._info_cache.get(key)
-        if info is None:
-            info = read_recording_info(path)
-            if len(self._info_cache) > 1000:
-                self._info_cache.clear()
-            self._info_cache[key] = info
-        return info
-
-    def _scan(self) -> list[RecordingInfo]:
-        folder = self.recordings_dir
-        if folder is None or not folder.is_dir():
-            return []
-        out: list[RecordingInfo] = []
-        for path in sorted(folder.iterdir()):
-            if not (_RECORDING_NAME.fullmatch(path.name) and path.is_file()):
-                continue
-            try:
-                out.append(self._info(path))
-            except (RecordingError, OSError) as exc:
-                log.debug("not listing %s: %s", path, exc)
-        return out
+        return self._recordings.path(name)
 
     async def recordings(self) -> list[RecordingInfo]:
         """The recordings in the folder, by name (files that are not recordings are left out)."""
-        return await asyncio.to_thread(self._scan)
+        return await asyncio.to_thread(self._recordings.scan)
 
     # -- jobs --------------------------------------------------------------------------
 
@@ -823,7 +479,7 @@ class JobManager:
         path = self.recording_path(request.recording)
         with self._slot("replay"):
             try:
-                info = await asyncio.to_thread(self._info, path)
+                info = await asyncio.to_thread(self._recordings.info, path)
             except (RecordingError, OSError) as exc:
                 msg = f"recording {request.recording!r} cannot be replayed: {exc}"
                 raise InvalidJobRequest(msg) from exc
@@ -1103,70 +759,9 @@ class JobManager:
             BacktestUnavailable: the database failed, or the run passed ``backtest_timeout_s``.
         """
         self._task_group()
-        if not (math.isfinite(start) and math.isfinite(end) and end > start):
-            msg = f"the backtest range must end after it starts: start {start}, end {end}"
-            raise InvalidJobRequest(msg)
-        if end - start > self.max_backtest_range_s:
-            msg = (
-                f"the backtest range of {(end - start) / 86_400:.2f} days is longer than the "
-                f"maximum of {self.max_backtest_range_s / 86_400:g} days"
-            )
-            raise InvalidJobRequest(msg)
-        if not (math.isfinite(tick_s) and (end - start) / tick_s <= self.max_backtest_range_s):
-            # Ticks between inputs are not interruptible: bound them by those of the
-            # longest range at one tick per second.
-            msg = (
-                f"tick_s {tick_s:g} is too fine for a range of {end - start:.0f} s: at most "
-                f"{self.max_backtest_range_s:.0f} ticks, so at least "
-                f"{(end - start) / self.max_backtest_range_s:.3g} s"
-            )
-            raise InvalidJobRequest(msg)
-        if self._backtests >= self.max_backtests:
-            msg = (
-                f"{self._backtests} backtests are running, the limit is {self.max_backtests}: "
-                "try again when it has finished"
-            )
-            raise BacktestBusy(msg)
-        deadline = time.monotonic() + self.backtest_timeout_s
-        abandoned = threading.Event()
-        limit = self.backtest_timeout_s
-
-        def give_up() -> str | None:
-            if self._closing.is_set():
-                return "the API is shutting down"
-            if abandoned.is_set():
-                return "the request was abandoned"
-            if time.monotonic() > deadline:
-                return f"the backtest ran past its limit of {limit:g} s: backtest a shorter range"
-            return None
-
-        work = partial(
-            _stored_backtest,
-            rules,
-            label=label,
-            database_url=database_url,
-            start=start,
-            end=end,
-            tick_s=tick_s,
-            connect_timeout_s=self._db_connect_timeout_s,
-            give_up=give_up,
+        return await self._backtests.run(
+            rules, label=label, database_url=database_url, start=start, end=end, tick_s=tick_s
         )
-        future = asyncio.get_running_loop().run_in_executor(self._backtest_pool, work)
-        self._backtests += 1
-
-        def release(_: object) -> None:
-            self._backtests -= 1  # when the thread is done, not when the request gave up
-
-        future.add_done_callback(release)
-        try:
-            # Shielded: a caller that goes away must not mark the slot free while the
-            # thread still runs; it sets ``abandoned`` and the thread gives up instead.
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-            abandoned.set()
-            raise
-        except BacktestError as exc:
-            raise BacktestUnavailable(str(exc)) from exc
 
 
 def jobs_lifespan(

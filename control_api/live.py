@@ -3,8 +3,11 @@
 Inputs: committed ingest batches (:meth:`LiveHub.on_batch`, a
 :class:`ingest.BatchSink`), alert events (:meth:`LiveHub.on_alert_event`, the
 ``cityops/alerts/{id}`` payloads), staleness changes and KPI figures. Outputs:
-websocket frames per client. The hub is a plain object with an injected clock
-and no I/O; :func:`serve_live` is the thin websocket shell around it.
+encoded frames per client. The hub is a plain object with an injected clock
+and no I/O; :func:`control_api.live_ws.serve_live` is the thin websocket shell
+around it, and the frames and client messages are described at the top of
+:mod:`control_api.live_ws`. What the hub holds per source (the latest table,
+the reading epochs and their shared encoding) is in :mod:`control_api.live_state`.
 
 Sequence numbers
     Every hub event gets the next number of one global counter: an alert
@@ -40,86 +43,37 @@ Alerts, presence, KPIs: one shared ring
     reset it with a fresh snapshot. Memory does not depend on how slow any
     client is: the ring, the retained epochs and the latest table are bounded.
 
-Snapshot consistency
-    The serving loop attaches the client (its cursors start at the hub's
-    current ``seq``) *before* it reads the snapshot from the database, and
-    sends the snapshot with that ``seq``. Events that arrive during the read
-    wait in the ring and go out after the snapshot, even when the snapshot
-    already shows them: every update is idempotent (alert events carry the
-    alert's ``version``, presence its ``session``, readings their ``ts``), so
-    sending a few twice is simpler and safer than trying to drop exactly those
-    the snapshot covered. Nothing between the snapshot and the stream is lost.
-
 Sources
     Batches and alerts are ``live``, ``replay`` (the sandbox) or ``drill``.
     A client follows one source, ``live`` by default. A committed batch does
     not carry its replay run id, so a client follows *all* replay runs;
     separating runs needs the run id in :class:`ingest.CommittedBatch`.
-
-Frames (server → client, JSON text; ``seq`` on every frame but ``result``/``error``)::
-
-    {"type": "snapshot", "seq", "hub", "source", "run", "at", "devices", "alerts", "kpis"}
-    {"type": "resumed", "seq", "hub"}
-    {"type": "readings", "seq", "items": [[device, channel, ts, value_or_state], ...]}
-    {"type": "alert", "seq", "alert": {...}, "event": {...}}
-    {"type": "presence", "seq", "device", "domain", "district",
-        "presence", "session", "at"}                      (a status change)
-    {"type": "presence", "seq", "device", "domain", "district",
-        "stale", "stale_since", "at"}                     (a staleness change)
-    {"type": "kpis", "seq", "kpis": {...}}
-    {"type": "heartbeat", "seq", "hub", "ts"}
-    {"type": "result", "id", ...}   {"type": "error", "id", "error"}
-
-Client → server: ``{"type": "subscribe", "districts", "domains", "devices"}``,
-``{"type": "resume", "hub", "seq"}`` (also as query parameters on connect),
-``{"type": "received", "seq"}`` (flow control, below), and commands such as
-``{"type": "ack", "id", "alert_id", "version", "note"}``, passed to the
-caller's ``on_command``.
-
-Flow control (opt-in, ``?window=N``)
-    A browser reads its socket whatever its script is doing, so a busy tab
-    never pushes back through TCP: frames pile up in the tab and the kernel
-    buffers (megabytes: seconds of data), and the screen lags. A console that
-    connects with ``window=N`` confirms each applied ``readings`` frame with
-    ``{"type": "received", "seq": <its seq>}``; with N frames unconfirmed the
-    server holds readings back (they coalesce in the hub, the next frame
-    carries the latest values) while alerts and presence still go out.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
 import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, NoReturn
-from urllib.parse import urlsplit
+from typing import Any, Final
 
 import orjson
-from starlette.websockets import (
-    WebSocket,
-    WebSocketDisconnect,
-    WebSocketDisconnected,
-    WebSocketState,
-)
 
-from control_api.errors import ControlApiError
-from control_api.snapshot import (
-    RATE_WINDOW_S,
-    DeviceState,
-    Kpis,
-    SeriesValue,
-    Snapshot,
-    SnapshotUnavailable,
-    alert_kpis,
-    device_kpis,
+from control_api.errors import LiveProtocolError
+from control_api.live_state import (
+    SOURCES,
+    Area,
+    EventKind,
+    RingEvent,
+    SourceState,
+    area_of,
+    encode_items,
 )
-from ingest import BatchSource, CommittedBatch, DeviceRef, Presence, Reading
+from control_api.snapshot import Snapshot
+from ingest import BatchSource, CommittedBatch, Reading
 from rules import Alert, AlertEvent
 
 __all__ = [
@@ -128,28 +82,13 @@ __all__ = [
     "LiveClient",
     "LiveHub",
     "LiveOptions",
-    "LiveProtocolError",
-    "ServeOptions",
-    "SharedSnapshots",
     "Subscription",
-    "check_origin",
-    "run_kpi_feed",
-    "serve_live",
 ]
 
 log = logging.getLogger(__name__)
 
-SOURCES: Final[tuple[BatchSource, ...]] = ("live", "replay", "drill")
-Area = tuple[str, str]
-"""(domain, district)."""
-EventKind = Literal["alert", "presence", "kpis"]
-
 _MAX_FILTER_ITEMS: Final = 10_000
 _MAX_NAME_CHARS: Final = 128
-
-
-class LiveProtocolError(ControlApiError, ValueError):
-    """A client message or query parameter the live protocol does not accept."""
 
 
 # -- subscriptions ------------------------------------------------------------------
@@ -299,177 +238,6 @@ class Delivery:
     readings: bool = False
 
 
-# -- hub internals ------------------------------------------------------------------
-
-
-def _item(r: Reading) -> list[object]:
-    return [r.device.device_id, r.channel, r.ts, r.value if r.state is None else r.state]
-
-
-def _encode_items(readings: Iterable[Reading]) -> bytes:
-    """``[…],[…]``: the items of a ``readings`` frame, without the brackets."""
-    return orjson.dumps([_item(r) for r in readings])[1:-1]
-
-
-def _area_of(ref: DeviceRef) -> Area:
-    return (ref.domain, ref.district)
-
-
-class _Device:
-    __slots__ = ("area", "device_id", "presence", "presence_at", "series", "session", "stale_since")
-
-    def __init__(self, ref: DeviceRef) -> None:
-        self.device_id = ref.device_id
-        self.area: Area = (ref.domain, ref.district)
-        self.series: dict[str, tuple[int, Reading]] = {}
-        self.presence: Literal["online", "offline", "unknown"] = "unknown"
-        self.session: int | None = None
-        self.presence_at: float | None = None
-        self.stale_since: float | None = None
-
-
-class _Epoch:
-    """Series → latest reading, for one reading interval; views built once, on demand."""
-
-    __slots__ = ("_all", "_area_json", "_areas", "_devices", "first_seq", "index", "items")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.first_seq = 0
-        self.items: dict[tuple[str, str], Reading] = {}
-        self._areas: dict[Area, list[Reading]] | None = None
-        self._area_json: dict[Area, bytes] = {}
-        self._devices: dict[str, list[Reading]] | None = None
-        self._all: bytes | None = None
-
-    def areas(self) -> dict[Area, list[Reading]]:
-        if self._areas is None:
-            areas: dict[Area, list[Reading]] = {}
-            for r in self.items.values():
-                key = (r.device.domain, r.device.district)
-                group = areas.get(key)
-                if group is None:
-                    areas[key] = [r]
-                else:
-                    group.append(r)
-            self._areas = areas
-        return self._areas
-
-    def area_json(self, area: Area) -> bytes:
-        data = self._area_json.get(area)
-        if data is None:
-            data = self._area_json[area] = _encode_items(self.areas().get(area, ()))
-        return data
-
-    def all_json(self) -> bytes:
-        if self._all is None:
-            self._all = b",".join(self.area_json(a) for a in self.areas())
-        return self._all
-
-    def devices(self) -> dict[str, list[Reading]]:
-        if self._devices is None:
-            devices: dict[str, list[Reading]] = {}
-            for (device_id, _), r in self.items.items():
-                devices.setdefault(device_id, []).append(r)
-            self._devices = devices
-        return self._devices
-
-    def parts_for(self, sub: Subscription) -> list[bytes]:
-        """Encoded items matching ``sub``: shared per area, per device for devices in view."""
-        if sub.everything:
-            return [self.all_json()]
-        parts = [self.area_json(a) for a in self.areas() if sub.matches_area(a)]
-        if sub.devices:
-            by_device = self.devices()
-            wanted: Iterable[str] = (
-                sub.devices if len(sub.devices) <= len(by_device) else by_device.keys()
-            )
-            for device_id in wanted:
-                readings = by_device.get(device_id)
-                if (
-                    readings
-                    and device_id in sub.devices
-                    and not sub.matches_area(_area_of(readings[0].device))
-                ):
-                    parts.append(_encode_items(readings))
-        return parts
-
-
-class _Stream:
-    """Everything the hub holds for one source."""
-
-    def __init__(self, source: BatchSource, options: LiveOptions, now: float) -> None:
-        self.source = source
-        self.devices: dict[str, _Device] = {}
-        self.areas: dict[Area, set[str]] = {}
-        self.open = _Epoch(0)
-        self.sealed: collections.deque[_Epoch] = collections.deque(maxlen=options.max_epochs)
-        self.last_seal_at = float("-inf")
-        self.clients: set[LiveClient] = set()
-        self.armed: set[LiveClient] = set()
-        self.alerts: dict[str, dict[str, Any]] = {}
-        self.alert_versions: dict[str, int] = {}
-        self.closed: collections.OrderedDict[str, int] = collections.OrderedDict()
-        self.kpis: dict[str, Any] = {}
-        self.last_kpi_at = now
-        self.rate: collections.deque[list[int]] = collections.deque()
-        self.newest_ts: float | None = None
-        self.started_at = now
-
-    def device(self, ref: DeviceRef) -> _Device:
-        dev = self.devices.get(ref.device_id)
-        if dev is None:
-            dev = self.devices[ref.device_id] = _Device(ref)
-            self.areas.setdefault(dev.area, set()).add(ref.device_id)
-        return dev
-
-    def matching(self, sub: Subscription) -> Iterator[_Device]:
-        """Known devices whose readings match ``sub`` (each once)."""
-        if sub.everything:
-            yield from self.devices.values()
-            return
-        seen: set[str] = set()
-        if sub.has_area:
-            for area, ids in self.areas.items():
-                if sub.matches_area(area):
-                    seen.update(ids)
-                    yield from (self.devices[i] for i in ids)
-        for device_id in sub.devices:
-            dev = self.devices.get(device_id)
-            if dev is not None and device_id not in seen:
-                yield dev
-
-    def count_readings(self, now: float, n: int) -> None:
-        second = int(now)
-        if self.rate and self.rate[-1][0] == second:
-            self.rate[-1][1] += n
-        else:
-            self.rate.append([second, n])
-        while self.rate and self.rate[0][0] <= now - RATE_WINDOW_S:
-            self.rate.popleft()
-
-    def measured(self, now: float) -> dict[str, Any]:
-        while self.rate and self.rate[0][0] <= now - RATE_WINDOW_S:
-            self.rate.popleft()
-        out: dict[str, Any] = {}
-        uptime = now - self.started_at
-        if uptime >= 1.0:  # before, the database's estimate is the better one
-            span = min(RATE_WINDOW_S, uptime)
-            out["readings_per_s"] = round(sum(n for _, n in self.rate) / span, 3)
-        if self.newest_ts is not None:
-            out["freshness_s"] = round(max(0.0, now - self.newest_ts), 3)
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class _Event:
-    seq: int
-    source: BatchSource
-    kind: EventKind
-    body: bytes
-    """The frame after ``"seq":N,``: ``"alert":{…},"event":{…}}``."""
-
-
 class LiveClient:
     """One console connection as the hub sees it.
 
@@ -556,10 +324,12 @@ class LiveHub:
         self._clock = clock
         self.hub_id: Final = hub_id or secrets.token_hex(6)
         now = clock()
-        self._streams: dict[str, _Stream] = {s: _Stream(s, self._options, now) for s in SOURCES}
+        self._streams: dict[str, SourceState] = {
+            s: SourceState(s, self._options, now) for s in SOURCES
+        }
         self._seq = 0
         size = self._options.ring_size
-        self._ring: list[_Event | None] = [None] * size
+        self._ring: list[RingEvent | None] = [None] * size
         self._ring_count = 0
         self._ring_floor_seq = 0
         """``seq`` of the newest event the ring has overwritten."""
@@ -608,36 +378,14 @@ class LiveHub:
         readings = batch.readings
         if readings:
             self._seq += 1
-            seq = self._seq
-            epoch = stream.open
-            items = epoch.items
-            was_empty = not items
-            devices = stream.devices
-            newest = stream.newest_ts if stream.newest_ts is not None else float("-inf")
-            for r in readings:
-                device_id = r.device.device_id
-                channel = r.channel
-                ts = r.ts
-                dev = devices.get(device_id)
-                if dev is None:
-                    dev = stream.device(r.device)
-                series = dev.series
-                current = series.get(channel)
-                if current is not None and ts < current[1].ts:
-                    continue  # late: the newer value stays
-                series[channel] = (seq, r)
-                items[device_id, channel] = r
-                if ts > newest:  # noqa: PLR1730 (a call to max() costs more in this hot loop)
-                    newest = ts
-            if was_empty and items:
-                epoch.first_seq = seq
-            if newest != float("-inf"):
-                stream.newest_ts = newest
+            stream.take_readings(readings, self._seq)
             stream.count_readings(now, len(readings))
         for presence in batch.presences:
-            self._on_presence(stream, presence)
-        if stream.open.items and self._seal_due(stream, now):
-            self._seal(stream, now)
+            payload = stream.update_presence(presence)
+            if payload is not None:
+                self._append(stream, "presence", payload)
+        if stream.open.items and stream.seal_due(now):
+            stream.seal(now)
 
     def on_alert_event(self, alert: Mapping[str, Any], event: Mapping[str, Any]) -> None:
         """Take one alert event (the ``cityops/alerts/{id}`` payload's two halves).
@@ -729,8 +477,8 @@ class LiveHub:
         """Seal reading epochs that are due and send periodic KPIs (call when a deadline passes)."""
         now = self._clock()
         for stream in self._streams.values():
-            if stream.open.items and self._seal_due(stream, now):
-                self._seal(stream, now)
+            if stream.open.items and stream.seal_due(now):
+                stream.seal(now)
             if stream.clients and (
                 now - stream.last_kpi_at >= self._options.kpi_interval_s or now < stream.last_kpi_at
             ):
@@ -744,8 +492,8 @@ class LiveHub:
             if stream.open.items:
                 wait = (
                     0.0
-                    if self._seal_due(stream, now)
-                    else stream.last_seal_at + self._options.reading_interval_s - now
+                    if stream.seal_due(now)
+                    else stream.last_seal_at + stream.reading_interval_s - now
                 )
                 due = wait if due is None else min(due, wait)
             if stream.clients:
@@ -811,7 +559,7 @@ class LiveHub:
         if added:
             pending = client._catch_up or frozenset()
             client._catch_up = pending | added
-            self._wake(stream, client)
+            stream.wake(client)
 
     def collect(self, client: LiveClient, *, readings: bool = True) -> Delivery:
         """Everything due for a client, encoded; advances its cursors.
@@ -894,7 +642,7 @@ class LiveHub:
 
         The hub's measured KPIs replace the snapshot's estimates. The encoded
         body of the last snapshot is kept: clients sharing one snapshot
-        (:class:`SharedSnapshots`) differ only in ``seq``.
+        (:class:`control_api.live_ws.SharedSnapshots`) differ only in ``seq``.
         """
         cached = self._snapshot_body
         if cached is not None and cached[0] is snapshot:
@@ -937,102 +685,25 @@ class LiveHub:
         For tests, benchmarks and a database outage; the database snapshot
         (:func:`control_api.snapshot.build_snapshot`) is the real one.
         """
-        stream = self._streams[source]
-        now = self._clock()
-        devices = tuple(
-            DeviceState(
-                id=dev.device_id,
-                domain=dev.area[0],
-                district=dev.area[1],
-                kind=None,
-                name=None,
-                lat=None,
-                lon=None,
-                presence=dev.presence,
-                session=dev.session,
-                stale_since=dev.stale_since,
-                out_of_service=False,
-                series={
-                    channel: SeriesValue(ts=r.ts, value=r.value, state=r.state, unit=r.unit)
-                    for channel, (_, r) in dev.series.items()
-                },
-            )
-            for dev in sorted(stream.devices.values(), key=lambda d: d.device_id)
-        )
-        alerts = tuple(
-            sorted(stream.alerts.values(), key=lambda a: (a.get("raised_at", 0), a["id"]))
-        )
-        by_severity, total, unacked = alert_kpis(alerts)
-        measured = stream.measured(now)
-        kpis = Kpis(
-            alerts_open=by_severity,
-            alerts_open_total=total,
-            alerts_unacked=unacked,
-            devices=device_kpis(devices),
-            readings_per_s=float(measured.get("readings_per_s", 0.0)),
-            freshness_s=measured.get("freshness_s"),
-            at=now,
-        )
-        return Snapshot(source=source, taken_at=now, devices=devices, alerts=alerts, kpis=kpis)
+        return self._streams[source].snapshot(self._clock())
 
     # -- internals --------------------------------------------------------------
 
-    def _seal_due(self, stream: _Stream, now: float) -> bool:
-        elapsed = now - stream.last_seal_at
-        return elapsed >= self._options.reading_interval_s or elapsed < 0
-
-    def _seal(self, stream: _Stream, now: float) -> None:
-        stream.sealed.append(stream.open)
-        stream.open = _Epoch(stream.open.index + 1)
-        stream.last_seal_at = now
-        self._wake_all(stream)
-
-    def _on_presence(self, stream: _Stream, p: Presence) -> None:
-        dev = stream.device(p.device)
-        if dev.session is not None and p.session < dev.session:
-            return  # a status of an older session: stale, as in the store
-        if dev.presence == p.state:
-            dev.session = p.session
-            return
-        dev.presence, dev.session, dev.presence_at = p.state, p.session, p.ts
-        self._append(
-            stream,
-            "presence",
-            {
-                "device": dev.device_id,
-                "domain": dev.area[0],
-                "district": dev.area[1],
-                "presence": p.state,
-                "session": p.session,
-                "at": p.ts,
-            },
-        )
-
-    def _emit_kpis(self, stream: _Stream, now: float) -> None:
+    def _emit_kpis(self, stream: SourceState, now: float) -> None:
         kpis = {**stream.kpis, **stream.measured(now), "at": now}
         stream.last_kpi_at = now
         self._append(stream, "kpis", {"kpis": kpis})
 
-    def _append(self, stream: _Stream, kind: EventKind, payload: Mapping[str, Any]) -> None:
+    def _append(self, stream: SourceState, kind: EventKind, payload: Mapping[str, Any]) -> None:
         self._seq += 1
-        event = _Event(self._seq, stream.source, kind, orjson.dumps(payload)[1:])
+        event = RingEvent(self._seq, stream.source, kind, orjson.dumps(payload)[1:])
         slot = self._ring_count % self._options.ring_size
         evicted = self._ring[slot]
         if evicted is not None:
             self._ring_floor_seq = evicted.seq
         self._ring[slot] = event
         self._ring_count += 1
-        self._wake_all(stream)
-
-    def _wake_all(self, stream: _Stream) -> None:
-        armed, stream.armed = stream.armed, set()
-        for client in armed:
-            client.wake()
-
-    def _wake(self, stream: _Stream, client: LiveClient) -> None:
-        if client in stream.armed:
-            stream.armed.discard(client)
-            client.wake()
+        stream.wake_all()
 
     def _can_resume(self, last_seq: int, hub_id: str | None) -> bool:
         if hub_id is not None and hub_id != self.hub_id:
@@ -1052,7 +723,7 @@ class LiveHub:
                 hi = mid
         return lo
 
-    def _reading_watermark(self, client: LiveClient, stream: _Stream) -> int:
+    def _reading_watermark(self, client: LiveClient, stream: SourceState) -> int:
         pos = client._epoch_pos
         if pos < 0:
             return client._reading_seq
@@ -1064,7 +735,7 @@ class LiveHub:
             return stream.open.first_seq - 1
         return self._seq
 
-    def _reading_parts(self, client: LiveClient, stream: _Stream) -> list[bytes]:
+    def _reading_parts(self, client: LiveClient, stream: SourceState) -> list[bytes]:
         sub = client.subscription
         parts: list[bytes] = []
         pos = client._epoch_pos
@@ -1074,7 +745,7 @@ class LiveHub:
             # matching series that changed since the resume point.
             since = client._reading_seq
             parts.append(
-                _encode_items(
+                encode_items(
                     r
                     for dev in stream.matching(sub)
                     for seq, r in dev.series.values()
@@ -1089,492 +760,17 @@ class LiveHub:
                 merged: dict[tuple[str, str], Reading] = {}
                 for epoch in epochs:
                     for key, r in epoch.items.items():
-                        if sub.matches(key[0], _area_of(r.device)):
+                        if sub.matches(key[0], area_of(r.device)):
                             merged[key] = r
-                parts.append(_encode_items(merged.values()))
+                parts.append(encode_items(merged.values()))
         client._epoch_pos = stream.open.index
         client._reading_seq = self._reading_watermark(client, stream)
         if client._catch_up is not None:
             devices = (stream.devices.get(d) for d in client._catch_up)
             parts.append(
-                _encode_items(
+                encode_items(
                     r for dev in devices if dev is not None for _, r in dev.series.values()
                 )
             )
             client._catch_up = None
         return parts
-
-
-# -- websocket serving --------------------------------------------------------------
-
-
-def _normalize_origin(value: str) -> str | None:
-    value = value.strip()
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
-        return None
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        return None
-    host = parts.hostname.lower()
-    if ":" in host:
-        host = f"[{host}]"
-    if port is None or port == (443 if scheme == "https" else 80):
-        return f"{scheme}://{host}"
-    return f"{scheme}://{host}:{port}"
-
-
-def check_origin(
-    origin_header: str | None, allowed_origins: Iterable[str], *, allow_missing: bool = False
-) -> bool:
-    """Whether a websocket handshake's ``Origin`` is allowed (cross-site hijacking guard).
-
-    A browser always sends ``Origin`` on a websocket handshake, and sends the
-    session cookie whatever page opened the socket: without this check any
-    web page could read the live feed with an operator's cookie. Origins are
-    compared as scheme, host and port (default ports dropped, case ignored).
-
-    Args:
-        origin_header: The ``Origin`` request header, or ``None``.
-        allowed_origins: Origins such as ``https://ops.example.org``; ``*`` allows any.
-        allow_missing: Accept a handshake without ``Origin`` (a non-browser
-            client, e.g. with an API token).
-
-    Returns:
-        True when the origin (or its absence) is allowed. ``null`` and
-        malformed origins are never allowed.
-    """
-    if not origin_header:
-        return allow_missing
-    origin = _normalize_origin(origin_header)
-    if origin is None:
-        return False
-    for allowed in allowed_origins:
-        if allowed.strip() == "*" or _normalize_origin(allowed) == origin:
-            return True
-    return False
-
-
-@dataclass(frozen=True, slots=True)
-class ServeOptions:
-    """Timing and limits of one websocket connection.
-
-    Attributes:
-        heartbeat_s: A heartbeat goes out after this long without a frame.
-        send_timeout_s: A frame not taken by the client within this time
-            drops the connection (a client that stopped reading).
-        snapshot_timeout_s: Deadline of one snapshot read.
-        command_timeout_s: Deadline of one ``on_command`` call.
-        max_message_bytes: Larger client messages are refused.
-        max_pending_results: Command results waiting to be sent; the client's
-            further messages wait for room.
-    """
-
-    heartbeat_s: float = 5.0
-    send_timeout_s: float = 10.0
-    snapshot_timeout_s: float = 30.0
-    command_timeout_s: float = 10.0
-    max_message_bytes: int = 64 * 1024
-    max_pending_results: int = 16
-
-
-class SharedSnapshots:
-    """A snapshot source that serves every client waiting at once with one read.
-
-    After an API restart every console reconnects at the same moment. A
-    client may only use a read that *started* after it attached (an earlier
-    read can miss an event), so callers that arrive while a read runs wait for
-    the next read, which starts when the running one ends and serves them all.
-
-    Args:
-        read: Reads one snapshot (e.g. :func:`control_api.snapshot.build_snapshot`
-            on a pooled connection).
-    """
-
-    def __init__(self, read: Callable[[], Awaitable[Snapshot]]) -> None:
-        self._read = read
-        self._next: asyncio.Future[Snapshot] | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self.reads = 0
-        """Reads done so far."""
-
-    async def __call__(self) -> Snapshot:
-        """A snapshot read that started after this call."""
-        if self._next is None:
-            self._next = asyncio.get_running_loop().create_future()
-        future = self._next
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._run(), name="live-shared-snapshots")
-        return await asyncio.shield(future)
-
-    async def _run(self) -> None:
-        while self._next is not None:
-            future, self._next = self._next, None
-            try:
-                snapshot = await self._read()
-            except Exception as exc:  # every waiter of this read gets it
-                future.set_exception(exc)
-                future.add_done_callback(_retrieve_exception)
-            else:
-                future.set_result(snapshot)
-            finally:
-                self.reads += 1
-
-
-def _retrieve_exception(future: asyncio.Future[Snapshot]) -> None:
-    # Waiters may all have gone (cancelled): mark the exception as seen.
-    future.exception()
-
-
-class _Closed(Exception):
-    """The connection is over (closed by either side, or dropped)."""
-
-
-def _resume_point(message: Mapping[str, object]) -> tuple[str | None, int] | None:
-    """``(hub, seq)`` from a resume message or query parameters; None when absent."""
-    seq = message.get("seq")
-    if seq is None or seq == "":
-        return None
-    try:
-        number = int(seq) if isinstance(seq, str | int) and not isinstance(seq, bool) else None
-    except ValueError:
-        number = None
-    if number is None or number < 0:
-        msg = f"resume seq {seq!r} is not a non-negative integer"
-        raise LiveProtocolError(msg)
-    hub = message.get("hub")
-    if hub is not None and not isinstance(hub, str):
-        msg = f"resume hub {hub!r} is not a string"
-        raise LiveProtocolError(msg)
-    return (hub, number)
-
-
-def _window(message: Mapping[str, object]) -> int | None:
-    """The flow-control window (``readings`` frames unconfirmed); None: no flow control."""
-    raw = message.get("window")
-    if raw is None or raw == "":
-        return None
-    try:
-        window = int(raw) if isinstance(raw, str | int) and not isinstance(raw, bool) else 0
-    except ValueError:
-        window = 0
-    if not 1 <= window <= _MAX_WINDOW:
-        msg = f"window {raw!r} must be an integer from 1 to {_MAX_WINDOW}"
-        raise LiveProtocolError(msg)
-    return window
-
-
-def _seq_of(message: Mapping[str, object]) -> int:
-    seq = message.get("seq")
-    if not isinstance(seq, int) or isinstance(seq, bool):
-        msg = f"seq {seq!r} is not an integer"
-        raise LiveProtocolError(msg)
-    return seq
-
-
-_MAX_WINDOW: Final = 64
-
-
-class _LiveSession:
-    """One connection: a sender (the only writer) and a receiver, in a task group."""
-
-    def __init__(
-        self,
-        websocket: WebSocket,
-        hub: LiveHub,
-        client: LiveClient,
-        *,
-        snapshot_source: Callable[[], Awaitable[Snapshot]],
-        on_command: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
-        options: ServeOptions,
-        window: int | None,
-    ) -> None:
-        self.window = window
-        self.in_flight: collections.deque[int] = collections.deque()
-        """``seq`` of the ``readings`` frames sent and not yet confirmed."""
-        self.ws = websocket
-        self.hub = hub
-        self.client = client
-        self.snapshot_source = snapshot_source
-        self.on_command = on_command
-        self.options = options
-        self.wake = asyncio.Event()
-        client.wake = self.wake.set
-        self.results: asyncio.Queue[bytes] = asyncio.Queue(options.max_pending_results)
-        self.pending_resume: tuple[str | None, int] | Literal[False] | None = False
-        self.last_sent = asyncio.get_running_loop().time()
-
-    async def run(self, resume: tuple[str | None, int] | None) -> None:
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._send_loop(resume), name=f"live-send-{self.client.name}")
-                tg.create_task(self._receive_loop(), name=f"live-receive-{self.client.name}")
-        except* _Closed:
-            pass
-
-    async def _send(self, frame: bytes) -> None:
-        try:
-            async with asyncio.timeout(self.options.send_timeout_s):
-                await self.ws.send_text(frame.decode())
-        except TimeoutError:
-            log.warning(
-                "live client %s took no frame for %.1f s: dropped",
-                self.client.name,
-                self.options.send_timeout_s,
-            )
-            raise _Closed from None
-        except (WebSocketDisconnect, WebSocketDisconnected) as exc:
-            raise _Closed from exc
-        self.last_sent = asyncio.get_running_loop().time()
-
-    async def _close(self, code: int, reason: str) -> NoReturn:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.options.send_timeout_s):
-                await self.ws.close(code=code, reason=reason)
-        raise _Closed
-
-    async def _start(self, resume: tuple[str | None, int] | None) -> None:
-        """Attach, then resume or send a snapshot read after attaching."""
-        hub_id, last_seq = resume if resume is not None else (None, None)
-        if resume is not None and hub_id is None:
-            last_seq = None  # a resume point without its hub cannot be trusted
-        attach = self.hub.attach(self.client, last_seq, hub_id=hub_id)
-        self.in_flight.clear()
-        if attach.resumed:
-            await self._send(self.hub.resumed_frame(attach))
-            self.wake.set()
-            return
-        try:
-            async with asyncio.timeout(self.options.snapshot_timeout_s):
-                snapshot = await self.snapshot_source()
-        except (SnapshotUnavailable, TimeoutError) as exc:
-            log.warning(
-                "live client %s: no snapshot: %s",
-                self.client.name,
-                exc or f"timed out after {self.options.snapshot_timeout_s} s",
-            )
-            await self._snapshot_failed()
-        except Exception:
-            # The caller's snapshot source failed in an unforeseen way (e.g. a
-            # connection error before build_snapshot): this client only.
-            log.exception("live client %s: snapshot source failed", self.client.name)
-            await self._snapshot_failed()
-        await self._send(self.hub.snapshot_frame(snapshot, seq=attach.seq))
-        self.wake.set()
-
-    async def _snapshot_failed(self) -> NoReturn:
-        await self._send(
-            orjson.dumps({"type": "error", "id": None, "error": "snapshot unavailable"})
-        )
-        await self._close(1013, "snapshot unavailable, retry later")
-
-    async def _wait(self) -> None:
-        if self.wake.is_set():
-            return
-        loop = asyncio.get_running_loop()
-        timeout = self.last_sent + self.options.heartbeat_s - loop.time()
-        due = self.hub.seconds_until_due()
-        if due is not None:
-            timeout = min(timeout, due)
-        if timeout <= 0:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self.wake.wait()
-
-    async def _send_loop(self, resume: tuple[str | None, int] | None) -> None:
-        await self._start(resume)
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wait()
-            self.wake.clear()
-            while not self.results.empty():
-                await self._send(self.results.get_nowait())
-            if self.pending_resume is not False:
-                resume, self.pending_resume = self.pending_resume, False
-                await self._start(resume)
-                continue
-            self.hub.tick()
-            # With flow control, readings wait (and coalesce in the hub) while
-            # the client has `window` readings frames unconfirmed; alerts go on.
-            delivery = self.hub.collect(
-                self.client, readings=self.window is None or len(self.in_flight) < self.window
-            )
-            if delivery.reset:
-                log.info("live client %s fell too far behind: fresh snapshot", self.client.name)
-                await self._start(None)
-                continue
-            for frame in delivery.frames:
-                await self._send(frame)
-            if delivery.readings and self.window is not None:
-                self.in_flight.append(delivery.seq)
-            if delivery.more:
-                self.wake.set()
-            elif loop.time() - self.last_sent >= self.options.heartbeat_s:
-                await self._send(self.hub.heartbeat_frame(self.client))
-
-    async def _reply(self, frame: dict[str, Any]) -> None:
-        await self.results.put(orjson.dumps(frame))
-        self.wake.set()
-
-    async def _receive_loop(self) -> None:
-        while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                raise _Closed
-            data = message.get("text")
-            if data is None:
-                data = message.get("bytes")
-            if data is None:
-                continue
-            if len(data) > self.options.max_message_bytes:
-                await self._reply(
-                    {
-                        "type": "error",
-                        "id": None,
-                        "error": f"message of {len(data)} bytes; at most"
-                        f" {self.options.max_message_bytes}",
-                    }
-                )
-                continue
-            try:
-                request = orjson.loads(data)
-            except orjson.JSONDecodeError as exc:
-                await self._reply({"type": "error", "id": None, "error": f"not JSON: {exc}"})
-                continue
-            if not isinstance(request, dict) or not isinstance(request.get("type"), str):
-                await self._reply(
-                    {"type": "error", "id": None, "error": "a message is an object with a 'type'"}
-                )
-                continue
-            await self._handle(request)
-
-    async def _handle(self, request: dict[str, Any]) -> None:
-        kind = request["type"]
-        request_id = request.get("id")
-        try:
-            if kind == "subscribe":
-                self.hub.subscribe(self.client, Subscription.from_message(request))
-                return
-            if kind == "resume":
-                self.pending_resume = _resume_point(request)  # None: a fresh snapshot
-                self.wake.set()
-                return
-            if kind == "received":
-                seq = _seq_of(request)
-                while self.in_flight and self.in_flight[0] <= seq:
-                    self.in_flight.popleft()
-                self.wake.set()
-                return
-        except LiveProtocolError as exc:
-            await self._reply({"type": "error", "id": request_id, "error": str(exc)})
-            return
-        await self._reply({**(await self._command(request)), "type": "result", "id": request_id})
-
-    async def _command(self, request: dict[str, Any]) -> dict[str, Any]:
-        try:
-            async with asyncio.timeout(self.options.command_timeout_s):
-                result = await self.on_command(request)
-            orjson.dumps(result)  # fail here, not in the sender
-        except TimeoutError:
-            log.warning("live command %r timed out", request.get("type"))
-            return {"ok": False, "error": f"timed out after {self.options.command_timeout_s} s"}
-        except Exception:
-            log.exception("live command %r failed", request.get("type"))
-            return {"ok": False, "error": "internal error"}
-        return result
-
-
-async def serve_live(
-    websocket: WebSocket,
-    hub: LiveHub,
-    *,
-    user: object,
-    snapshot_source: Callable[[], Awaitable[Snapshot]],
-    on_command: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
-    source: BatchSource = "live",
-    options: ServeOptions | None = None,
-) -> None:
-    """Serve one ``/api/v1/live`` websocket until it closes.
-
-    The caller authenticates the user and checks the origin
-    (:func:`check_origin`) first; this function accepts the socket if the
-    caller did not. Query parameters: ``hub`` and ``seq`` (resume; both are
-    needed), ``districts``, ``domains``, ``devices`` (comma-separated: the
-    initial subscription; resume with the subscription you had), ``window``
-    (flow control: ``readings`` frames in flight before ``received``).
-
-    A sender and a receiver run in a task group. The sender is the only
-    writer: the snapshot (or ``resumed``), then deltas as the hub wakes it,
-    command results, and a heartbeat after ``heartbeat_s`` of silence. A
-    client that falls too far behind gets a fresh snapshot; one that takes no
-    frame for ``send_timeout_s`` is dropped. Neither ever blocks the hub or
-    another client.
-
-    Args:
-        websocket: The connection.
-        hub: The live hub.
-        user: The authenticated caller (for logs).
-        snapshot_source: Reads a fresh snapshot of ``source`` (called after the
-            client is attached; again after a reset).
-        on_command: Runs a client command (``ack`` and the like: any message
-            but ``subscribe`` and ``resume``) with the same checks as REST; its
-            result goes back as ``{"type": "result", "id": <the message's id>, …}``.
-        source: The source the client follows.
-        options: Timing and limits.
-    """
-    opts = options or ServeOptions()
-    if websocket.application_state is WebSocketState.CONNECTING:
-        await websocket.accept()
-    name = f"{getattr(user, 'name', user)}@{websocket.client.host if websocket.client else '?'}"
-    try:
-        params = websocket.query_params
-        subscription = Subscription.from_message(params)
-        resume = _resume_point(params)
-        window = _window(params)
-        client = LiveClient(source=source, subscription=subscription, name=name)
-    except LiveProtocolError as exc:
-        with contextlib.suppress(Exception):
-            await websocket.close(code=1008, reason=str(exc)[:120])
-        return
-    session = _LiveSession(
-        websocket,
-        hub,
-        client,
-        snapshot_source=snapshot_source,
-        on_command=on_command,
-        options=opts,
-        window=window,
-    )
-    log.info("live client %s connected (source %s)", name, source)
-    try:
-        await session.run(resume)
-    finally:
-        hub.detach(client)
-        log.info("live client %s disconnected", name)
-
-
-async def run_kpi_feed(
-    hub: LiveHub,
-    query: Callable[[], Awaitable[Mapping[str, Any]]],
-    *,
-    source: BatchSource = "live",
-    interval_s: float = 5.0,
-) -> None:
-    """Feed the hub KPI figures from ``query`` every ``interval_s`` until cancelled.
-
-    A failed query (:class:`control_api.errors.ControlApiError`) is logged;
-    the next interval tries again.
-    """
-    while True:
-        try:
-            kpis = await query()
-        except ControlApiError as exc:
-            log.warning("KPI query failed: %s", exc)
-        else:
-            hub.on_kpis(kpis, source=source)
-        await asyncio.sleep(interval_s)

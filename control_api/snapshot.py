@@ -5,7 +5,7 @@ connects (or when it fell too far behind), then deltas from the live hub
 (:mod:`control_api.live`). The snapshot is read from TimescaleDB, the source
 of truth; the hub's sequence number is attached by the serving loop, which
 registers the client with the hub *before* it calls :func:`build_snapshot`
-(see the module docstring of :mod:`control_api.live`).
+(see the module docstring of :mod:`control_api.live_ws`).
 
 Latest value per series: one ``LATERAL (… ORDER BY ts DESC LIMIT 1)`` probe
 per series on the ``(series_id, ts DESC)`` unique index of the ``readings``
@@ -18,7 +18,7 @@ KPIs are computed from the rows the snapshot already fetched (devices by
 presence, open alerts by severity, data freshness), so they agree with the
 devices and alerts in the same snapshot; only the reading rate needs a query
 of its own. :func:`query_kpis` computes the same figures with aggregate
-queries, for a periodic KPI feed (:func:`control_api.live.run_kpi_feed`).
+queries, for a periodic KPI feed (:func:`control_api.live_ws.run_kpi_feed`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import tuple_row
 
-from control_api.errors import ControlApiError
+from control_api.errors import SnapshotUnavailable
 from ingest import BatchSource
 from rules import OPEN_STATES, SEVERITIES, Alert
 
@@ -44,7 +44,6 @@ __all__ = [
     "Kpis",
     "SeriesValue",
     "Snapshot",
-    "SnapshotUnavailable",
     "alert_kpis",
     "build_snapshot",
     "device_kpis",
@@ -57,10 +56,6 @@ RATE_WINDOW_S: Final = 10.0
 Presence = Literal["online", "offline", "unknown"]
 _UNACKED: Final = frozenset({"active_unacked", "cleared_unacked"})
 _ALERT_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Alert))
-
-
-class SnapshotUnavailable(ControlApiError):
-    """The snapshot could not be read (database unreachable or a query failed)."""
 
 
 class SeriesValue(TypedDict):

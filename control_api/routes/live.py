@@ -23,7 +23,7 @@ from fastapi import APIRouter, HTTPException, WebSocket, status
 
 from control_api.auth import SESSION_COOKIE, Principal
 from control_api.context import ApiContext
-from control_api.live import check_origin, serve_live
+from control_api.live_ws import check_origin, serve_live
 from control_api.roles import Permission, has_permission
 from control_api.routes.alerts import ConflictError, run_action
 

@@ -22,27 +22,29 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from control_api.auth import Principal
+from control_api.backtests import BacktestOutcome
 from control_api.context import ApiContext
 from control_api.deps import Context, client_address, requires
-from control_api.jobs import (
-    MAX_SIMULATION_S,
-    MAX_SPEED,
+from control_api.errors import (
     BacktestBusy,
-    BacktestOutcome,
     BacktestUnavailable,
     InvalidJobRequest,
     JobError,
-    JobKind,
-    JobManager,
     JobNotFound,
-    JobSnapshot,
     JobStartFailed,
     JobStateConflict,
     RecordingNotFound,
-    ReplayRequest,
-    SimulationRequest,
     TooManyJobs,
 )
+from control_api.job_types import (
+    MAX_SIMULATION_S,
+    MAX_SPEED,
+    JobKind,
+    JobSnapshot,
+    ReplayRequest,
+    SimulationRequest,
+)
+from control_api.jobs import JobManager
 from control_api.roles import Permission
 from control_api.schemas import as_datetime, error_responses
 from rules import Rule, RuleFileError, load_rules_text

@@ -26,18 +26,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
-from control_api.live import (
-    LiveClient,
-    LiveHub,
-    LiveOptions,
-    LiveProtocolError,
-    ServeOptions,
-    SharedSnapshots,
-    Subscription,
-    check_origin,
-    serve_live,
-)
-from control_api.snapshot import Snapshot, SnapshotUnavailable, build_snapshot, query_kpis
+from control_api.errors import LiveProtocolError, SnapshotUnavailable
+from control_api.live import LiveClient, LiveHub, LiveOptions, Subscription
+from control_api.live_ws import ServeOptions, SharedSnapshots, check_origin, serve_live
+from control_api.snapshot import Snapshot, build_snapshot, query_kpis
 from ingest import BatchSource, CommittedBatch, DeviceRef, Domain, Presence, Reading
 from tests.polling import until
 

@@ -26,17 +26,12 @@ import pytest
 import uvicorn
 
 from cityops.settings import MqttEndpoint
-from control_api import jobs
+from control_api import backtests
 from control_api.app import create_app
 from control_api.context import ApiConfig
-from control_api.jobs import (
-    BacktestBusy,
-    BacktestUnavailable,
-    InvalidJobRequest,
-    JobManager,
-    jobs_lifespan,
-    read_recording_info,
-)
+from control_api.errors import BacktestBusy, BacktestUnavailable, InvalidJobRequest
+from control_api.jobs import JobManager, jobs_lifespan
+from control_api.recordings import read_recording_info
 from control_api.routes import ops
 from simulators import RecordedMessage, RecordingWriter
 from tests.control_api.conftest import STARTUP_TIMEOUT_S, ApiClient, RunningApi
@@ -694,7 +689,7 @@ async def test_backtests_run_one_at_a_time_on_their_own_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     held = _HeldBacktest()
-    monkeypatch.setattr(jobs, "_stored_backtest", held)
+    monkeypatch.setattr(backtests, "_stored_backtest", held)
     async with _manager() as manager, asyncio.TaskGroup() as tg:
         first = tg.create_task(
             manager.backtest((), label="x", database_url="postgresql://", start=0, end=60)
@@ -709,7 +704,7 @@ async def test_backtests_run_one_at_a_time_on_their_own_thread(
 async def test_a_backtest_past_its_time_limit_is_abandoned(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(jobs, "_stored_backtest", _HeldBacktest())
+    monkeypatch.setattr(backtests, "_stored_backtest", _HeldBacktest())
     async with _manager(backtest_timeout_s=0.2) as manager:
         with pytest.raises(BacktestUnavailable, match=r"ran past its limit of 0\.2 s"):
             await manager.backtest((), label="x", database_url="postgresql://", start=0, end=60)
