@@ -26,3 +26,7 @@ unit: install
 
 bench: install
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.history
+	$(BIN)/python -m bench.live
+	$(BIN)/python -m bench.api
+	$(BIN)/python -m bench.console

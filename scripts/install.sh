@@ -24,7 +24,7 @@ APT_PACKAGES=(
   "postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" postgresql-client
   build-essential cmake dpkg-dev libssl-dev
   python3-venv
-  chromium
+  chromium fonts-ipafont-gothic
 )
 
 install_apt_packages() {

@@ -9,8 +9,10 @@ Rules that select by ``kind`` and the map both rely on it.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
+import psycopg
 from fastapi import APIRouter, Depends, HTTPException, status
 from pydantic import BaseModel
 
@@ -20,6 +22,8 @@ from control_api.roles import Permission
 from control_api.schemas import error_responses
 
 router = APIRouter(prefix="/api/v1", tags=["city"])
+log = logging.getLogger(__name__)
+_DEADLOCK_RETRIES = 3
 
 View = Annotated[Principal, Depends(requires(Permission.VIEW))]
 
@@ -39,6 +43,8 @@ class CityOut(BaseModel):
     name: str
     label: str
     utc_offset_h: float
+    timezone: str
+    """The IANA zone the console shows times in (``Asia/Tokyo`` by default)."""
     bounds: tuple[float, float, float, float]
     """South, west, north, east."""
     districts: list[DistrictOut]
@@ -57,6 +63,7 @@ async def city(ctx: Context, _: View) -> CityOut:
         name=model.name,
         label=model.label,
         utc_offset_h=model.utc_offset_h,
+        timezone=ctx.config.timezone,
         bounds=(min(lats), min(lons), max(lats), max(lons)),
         districts=[
             DistrictOut(name=d.name, label=d.label, use=d.use, polygon=list(d.polygon))
@@ -72,6 +79,17 @@ async def register_city_devices(pool: Pool, model: Any) -> int:
         (d.id, d.domain, d.district, d.kind, f"{d.kind} {d.id}", d.lat, d.lon, d.period_s)
         for d in model.devices
     ]
+    rows.sort()  # one lock order for every writer of these rows
+    for attempt in range(_DEADLOCK_RETRIES):
+        try:
+            return await _upsert_devices(pool, rows)
+        except psycopg.errors.DeadlockDetected:
+            # The ingester writes presence and staleness to the same rows meanwhile.
+            log.warning("device registration deadlocked (attempt %d): retrying", attempt + 1)
+    return await _upsert_devices(pool, rows)
+
+
+async def _upsert_devices(pool: Pool, rows: list[tuple[Any, ...]]) -> int:
     async with pool.connection() as conn, conn.cursor() as cur:
         await cur.executemany(
             "INSERT INTO devices (id, domain, district, kind, name, lat, lon, expected_period_s)"

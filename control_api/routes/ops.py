@@ -52,6 +52,7 @@ from simulators import ScenarioError, available_scenarios, load_scenario
 
 router = APIRouter(prefix="/api/v1", tags=["engineering"])
 
+View = Annotated[Principal, Depends(requires(Permission.VIEW))]
 Engineer = Annotated[Principal, Depends(requires(Permission.ENGINEERING))]
 
 Severity = Literal["critical", "major", "minor", "warning"]
@@ -616,7 +617,7 @@ def _rule_out(rule: Rule, rules_path: Path) -> RuleOut:
 
 
 @router.get("/rules", responses=error_responses(401, 403))
-async def list_rules(ctx: Context, _: Engineer) -> list[RuleOut]:
+async def list_rules(ctx: Context, _: View) -> list[RuleOut]:
     """The rules this API acts on, in file order, with where each is defined."""
     return [_rule_out(r, ctx.config.rules_path) for r in ctx.lifecycle.rules.values()]
 

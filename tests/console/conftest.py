@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +54,11 @@ from ingest import IngestConfig, IngestService
 from ingest.mqtt import MqttOptions
 from ingest.pipeline import PipelineOptions
 from rules import ROLES
-from simulators import RecordedMessage, RecordingWriter
+from simulators import RecordedMessage, RecordingWriter, load_city
 from simulators.runner import SimulateOptions, build_simulation, run_simulate
 from tests.conftest import ADMIN_DATABASE, PostgresServer, _create_from_template
-from tests.console.stack import ServedApi, StallingProxy, add_console_routes
+from tests.console.stack import ServedApi, StallingProxy
+from tests.polling import until_async
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSOLE = ROOT / "console"
@@ -177,15 +178,6 @@ class ConsoleStack:
             return conn.execute(query.encode(), params).fetchall()
 
 
-async def _wait_for(what: str, cond: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await cond():
-        if time.monotonic() > deadline:
-            msg = f"{what}: not within {timeout_s:.0f} s"
-            raise AssertionError(msg)
-        await asyncio.sleep(0.1)
-
-
 @pytest.fixture(scope="session")
 async def console_stack(
     console_dist: Path,
@@ -212,18 +204,8 @@ async def console_stack(
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(IngestService(ingest_config))
 
-        # The fire of the last nine minutes: its alerts are open when the tests start.
-        result, _ = await asyncio.to_thread(run_simulate, fire, endpoint)
-        assert result.ok, result.errors
-
-        async def fire_alerts() -> bool:
-            rows = await asyncio.to_thread(
-                _rows, console_database, "SELECT count(*) FROM alerts WHERE rule_id LIKE 'fire%'"
-            )
-            return int(rows[0][0]) >= 1
-
-        await _wait_for("the fire's alerts", fire_alerts, 60)
-
+        # The API first: at start-up it registers the city's devices, which
+        # must not race the ingester's presence writes (both update `devices`).
         config = ApiConfig(
             database_url=console_database,
             mqtt=endpoint,
@@ -234,10 +216,21 @@ async def console_stack(
             console_dir=console_dist,
         )
         app = create_app(config)
-        add_console_routes(app)
         api = ServedApi(app)
         base_url = await asyncio.to_thread(api.start)
         stack.callback(api.stop)
+
+        # The fire of the last nine minutes: its alerts are open when the tests start.
+        result, _ = await asyncio.to_thread(run_simulate, fire, endpoint)
+        assert result.ok, result.errors
+
+        async def fire_alerts() -> bool:
+            rows = await asyncio.to_thread(
+                _rows, console_database, "SELECT count(*) FROM alerts WHERE rule_id LIKE 'fire%'"
+            )
+            return int(rows[0][0]) >= 1
+
+        await until_async(fire_alerts, 60)
 
         # The city, live, from here on (real time, like `cityops up`).
         simulator = await asyncio.create_subprocess_exec(
@@ -268,7 +261,7 @@ async def console_stack(
             mqtt_url=mqtt_url,
             proxy=proxy,
             recording=RECORDING,
-            city_devices=1177,
+            city_devices=len(load_city("minamikawa").devices),
             alerts_at_start=int(alerts[0][0]),
         )
 

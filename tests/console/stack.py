@@ -1,10 +1,4 @@
-"""Pieces of the console's browser-test stack: a test-local route, the server, a proxy.
-
-Test-local until the API has it (see the console report): ``GET /api/v1/rules``
-readable with ``view``. The console draws rule thresholds on charts and offers
-acknowledge and resolve by the rule's acknowledging role to every role, not
-only to engineers (:data:`rules_view_router`).
-"""
+"""Pieces of the console's browser-test stack: the server in a thread, a stalling proxy."""
 
 from __future__ import annotations
 
@@ -14,39 +8,15 @@ import threading
 from typing import Annotated
 
 import uvicorn
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import Depends, FastAPI
 
 from control_api.auth import Principal
-from control_api.deps import Context, requires
+from control_api.deps import requires
 from control_api.roles import Permission
-from control_api.routes.ops import RuleOut, _rule_out
 from tests.polling import until_sync
 
 STARTUP_TIMEOUT_S = 60.0
 View = Annotated[Principal, Depends(requires(Permission.VIEW))]
-
-# -- GET /api/v1/rules with view ---------------------------------------------------------
-
-rules_view_router = APIRouter(prefix="/api/v1", tags=["engineering"])
-
-
-@rules_view_router.get("/rules")
-async def list_rules_for_viewers(ctx: Context, _: View) -> list[RuleOut]:
-    """The loaded rules, readable by every role (thresholds on charts, who acknowledges)."""
-    return [_rule_out(r, ctx.config.rules_path) for r in ctx.lifecycle.rules.values()]
-
-
-# -- wiring ------------------------------------------------------------------------------------
-
-
-def add_console_routes(app: FastAPI) -> None:
-    """The rules for every role (placed first: this route wins over the app's own)."""
-    before = len(app.router.routes)
-    app.include_router(rules_view_router)
-    added = app.router.routes[before:]
-    del app.router.routes[before:]
-    app.router.routes[0:0] = added
-
 
 # -- serving ----------------------------------------------------------------------------------
 
