@@ -150,6 +150,13 @@ class FeedStats:
     """How far behind schedule the feeder was when the feed stopped."""
 
 
+def unbatch(message: str) -> list[str]:
+    """The frames of one websocket message: a ``batch`` message holds several."""
+    if not message.startswith('{"type":"batch"'):
+        return [message]
+    return [orjson.dumps(f).decode() for f in orjson.loads(message)["frames"]]
+
+
 async def _feed(
     load: Load, sink: LiveHub | NaiveBroadcaster, duration_s: float, rng: random.Random
 ) -> FeedStats:
@@ -322,26 +329,27 @@ async def _receive(
 ) -> None:
     latencies = stats.latencies
     head = len(_READINGS_HEAD)
-    async for message in ws:
+    async for received in ws:
         now = time.time()
-        assert isinstance(message, str)
-        if stats.counting:
-            stats.frames += 1
-            stats.bytes += len(message)
-        readings = message.startswith(_READINGS_HEAD)
-        if probe and stats.counting:
-            frame = orjson.loads(message)
-            if spec.mode == "naive":
-                latencies.append(now - frame["ts"])
-                stats.probe_items += 1
-            elif readings:
-                items = frame["items"]
-                stats.probe_items += len(items)
-                latencies.extend([now - item[2] for item in items])
-        if readings and spec.window:
-            # As the console does once it has applied the frame.
-            seq = message[head : message.index(",", head)]
-            await ws.send('{"type":"received","seq":' + seq + "}")
+        assert isinstance(received, str)
+        for message in unbatch(received):
+            if stats.counting:
+                stats.frames += 1
+                stats.bytes += len(message)
+            readings = message.startswith(_READINGS_HEAD)
+            if probe and stats.counting:
+                frame = orjson.loads(message)
+                if spec.mode == "naive":
+                    latencies.append(now - frame["ts"])
+                    stats.probe_items += 1
+                elif readings:
+                    items = frame["items"]
+                    stats.probe_items += len(items)
+                    latencies.extend([now - item[2] for item in items])
+            if readings and spec.window:
+                # As the console does once it has applied the frame.
+                seq = message[head : message.index(",", head)]
+                await ws.send('{"type":"received","seq":' + seq + "}")
 
 
 async def _clients(conn: Connection, spec: ClientSpec) -> None:

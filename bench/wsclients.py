@@ -135,6 +135,13 @@ class _Window:
     end: float = float("-inf")
 
 
+def unbatch(message: str) -> list[str]:
+    """The frames of one websocket message: a ``batch`` message holds several."""
+    if not message.startswith('{"type":"batch"'):
+        return [message]
+    return [orjson.dumps(f).decode() for f in orjson.loads(message)["frames"]]
+
+
 async def _console(
     index: int,
     spec: ConsoleSpec,
@@ -179,28 +186,29 @@ async def _receive(
     types = stats.frame_types
     traced = spec.traced
     latencies = stats.latencies[probe] if probe is not None else None
-    async for message in ws:
+    async for received in ws:
         now = time.time()
-        if not isinstance(message, str):
+        if not isinstance(received, str):
             continue
-        readings = message.startswith(_READINGS_HEAD)
-        if window.start <= now < window.end:
-            stats.frames += 1
-            name = "readings" if readings else message[9 : message.find('"', 9)]  # {"type":"…
-            types[name] = types.get(name, 0) + 1
-            stats.bytes += len(message)
-        if readings and latencies is not None:
-            start, end = window.start, window.end
-            for device, _, ts, _ in orjson.loads(message)["items"]:
-                if start <= ts < end:
-                    stats.probe_items += 1
-                    latencies.append(now - ts)
-                    if device in traced:
-                        stats.traced.append((device, ts, now))
-        if readings and spec.window:
-            # As the console does once it has applied the frame.
-            seq = message[head : message.index(",", head)]
-            await ws.send('{"type":"received","seq":' + seq + "}")
+        for message in unbatch(received):
+            readings = message.startswith(_READINGS_HEAD)
+            if window.start <= now < window.end:
+                stats.frames += 1
+                name = "readings" if readings else message[9 : message.find('"', 9)]  # {"type":"…
+                types[name] = types.get(name, 0) + 1
+                stats.bytes += len(message)
+            if readings and latencies is not None:
+                start, end = window.start, window.end
+                for device, _, ts, _ in orjson.loads(message)["items"]:
+                    if start <= ts < end:
+                        stats.probe_items += 1
+                        latencies.append(now - ts)
+                        if device in traced:
+                            stats.traced.append((device, ts, now))
+            if readings and spec.window:
+                # As the console does once it has applied the frame.
+                seq = message[head : message.index(",", head)]
+                await ws.send('{"type":"received","seq":' + seq + "}")
 
 
 async def _consoles(conn: Connection, spec: ConsoleSpec, indices: tuple[int, ...]) -> None:

@@ -20,6 +20,14 @@ Frames (server → client, JSON text; ``seq`` on every frame but ``result``/``er
     {"type": "kpis", "seq", "kpis": {...}}
     {"type": "heartbeat", "seq", "hub", "ts"}
     {"type": "result", "id", ...}   {"type": "error", "id", "error"}
+    {"type": "batch", "frames": [<frame>, ...]}
+
+A delivery of :data:`BATCH_FROM` frames or more goes out as one ``batch``
+message holding them in order (a client applies each as if it came alone).
+When a network outage ends, thousands of devices change presence at once:
+one websocket message per event and client made hundreds of thousands of
+sends and stalled the event loop (found by ``bench/api.py``); batched, it is
+one send per client and delivery.
 
 Client → server: ``{"type": "subscribe", "districts", "domains", "devices"}``,
 ``{"type": "resume", "hub", "seq"}`` (also as query parameters on connect),
@@ -80,6 +88,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+BATCH_FROM: Final = 8
+"""Deliveries of this many frames or more are sent as one ``batch`` message."""
 
 
 def _normalize_origin(value: str) -> str | None:
@@ -382,8 +393,11 @@ class _LiveSession:
                 log.info("live client %s fell too far behind: fresh snapshot", self.client.name)
                 await self._start(None)
                 continue
-            for frame in delivery.frames:
-                await self._send(frame)
+            if len(delivery.frames) >= BATCH_FROM:
+                await self._send(b'{"type":"batch","frames":[%b]}' % b",".join(delivery.frames))
+            else:
+                for frame in delivery.frames:
+                    await self._send(frame)
             if delivery.readings and self.window is not None:
                 self.in_flight.append(delivery.seq)
             if delivery.more:

@@ -250,6 +250,16 @@ export class LiveConnection {
     this.framesIn++;
     store.lastFrameAt = performance.now();
     store.lastFrameWall = Date.now() / 1000;
+    if (frame.type === "batch") {
+      // Several frames in one message (a burst, e.g. thousands of presence changes
+      // when an outage ends): apply each in order, as if it had come alone.
+      for (const inner of frame["frames"] as Frame[]) this.dispatch(inner);
+      return;
+    }
+    this.dispatch(frame);
+  }
+
+  private dispatch(frame: Frame): void {
     if (typeof frame.seq === "number") this.seq = frame.seq;
     switch (frame.type) {
       case "snapshot":

@@ -28,7 +28,7 @@ from websockets.typing import Origin
 
 from control_api.errors import LiveProtocolError, SnapshotUnavailable
 from control_api.live import LiveClient, LiveHub, LiveOptions, Subscription
-from control_api.live_ws import ServeOptions, SharedSnapshots, check_origin, serve_live
+from control_api.live_ws import BATCH_FROM, ServeOptions, SharedSnapshots, check_origin, serve_live
 from control_api.snapshot import Snapshot, build_snapshot, query_kpis
 from ingest import BatchSource, CommittedBatch, DeviceRef, Domain, Presence, Reading
 from tests.polling import until
@@ -967,9 +967,13 @@ def db_snapshots(url: str) -> Callable[[BatchSource], Awaitable[Snapshot]]:
 
 async def next_frame(ws: ClientConnection, kind: str, timeout_s: float = 10.0) -> dict[str, Any]:
     """The next frame of this type (skipping KPI updates and heartbeats of other types)."""
+    pending: list[dict[str, Any]] = []
     async with asyncio.timeout(timeout_s):
         while True:
-            frame: dict[str, Any] = orjson.loads(await ws.recv())
+            if not pending:
+                message: dict[str, Any] = orjson.loads(await ws.recv())
+                pending = message["frames"] if message["type"] == "batch" else [message]
+            frame = pending.pop(0)
             if frame["type"] == kind:
                 return frame
             assert frame["type"] in ("kpis", "heartbeat", "readings", "presence"), frame
@@ -1149,3 +1153,26 @@ async def test_serve_live_drops_a_client_that_stops_reading_and_others_go_on() -
             assert value < 200, "the stalled client was never dropped"
         hub.on_alert_event(*alert_event("a1", 1))
         assert (await next_frame(reader, "alert"))["alert"]["id"] == "a1"
+
+
+async def test_serve_live_sends_a_burst_of_events_as_one_batch_message() -> None:
+    """An outage ends: many presence changes at once go out as one message, in order."""
+    hub = LiveHub()
+
+    async def memory(source: BatchSource) -> Snapshot:
+        return hub.memory_snapshot(source)
+
+    async with live_server(hub, memory) as served, connect(served.url, origin=ORIGIN) as ws:
+        await next_frame(ws, "snapshot")
+        at = time.time()
+        for i in range(50):
+            hub.on_staleness(f"dev-{i}", stale=True, at=at)
+        async with asyncio.timeout(10):
+            while True:
+                message = orjson.loads(await ws.recv())
+                if message["type"] == "batch":
+                    break
+        frames = message["frames"]
+        assert len(frames) >= BATCH_FROM
+        presence = [f["device"] for f in frames if f["type"] == "presence"]
+        assert presence == [f"dev-{i}" for i in range(len(presence))]

@@ -34,9 +34,11 @@ async def _next(ws: ClientConnection, kind: str, pred: Any = None) -> dict[str, 
     try:
         async with asyncio.timeout(DEADLINE_S):
             while True:
-                frame = orjson.loads(await ws.recv(decode=False))
-                if frame["type"] == kind and (pred is None or pred(frame)):
-                    return frame  # type: ignore[no-any-return]
+                message = orjson.loads(await ws.recv(decode=False))
+                frames = message["frames"] if message["type"] == "batch" else [message]
+                for frame in frames:
+                    if frame["type"] == kind and (pred is None or pred(frame)):
+                        return frame  # type: ignore[no-any-return]
     except TimeoutError:
         pytest.fail(f"no {kind} frame within {DEADLINE_S} s")
 
