@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -68,6 +69,21 @@ class ExternalPostgres:
 def _database_exists(admin: psycopg.Connection[tuple[object, ...]], name: str) -> bool:
     row = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
     return row is not None
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """Undo ``configure_logging`` of in-process ``cityops`` commands.
+
+    It binds a handler to the ``sys.stderr`` of that moment: pytest's capture
+    of one test, closed afterwards. Server threads of later tests logging to it
+    print "Logging error" tracebacks.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
