@@ -1,4 +1,11 @@
-"""The whole stack for the console's end-to-end tests, once per session, and a browser.
+"""The whole stack for the console's end-to-end tests, once for this package, and a browser.
+
+Package scope, not session: the stack's ingest service runs on the test
+session's event loop, which stands still during synchronous tests. Left
+running, it could sit in the middle of a COPY while a later test's teardown
+drops its database, and DROP DATABASE waits for every backend, that one
+included: the suite hung. Torn down after the last console test, nothing of
+it outlives the package.
 
 * a broker of their own (the session broker carries other tests' traffic),
 * a database of their own, migrated, with one user per role,
@@ -105,7 +112,7 @@ def console_dist() -> Path:
 # -- broker, database, users, recording ---------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def console_broker(embedded_root: Path) -> Iterator[EmbeddedMosquitto]:
     broker = EmbeddedMosquitto(embedded_root / "console-mosquitto")
     broker.start()
@@ -113,7 +120,7 @@ def console_broker(embedded_root: Path) -> Iterator[EmbeddedMosquitto]:
     broker.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def console_database(postgres: PostgresServer, migrated_template: str) -> Iterator[str]:
     name = f"console_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(postgres.url(ADMIN_DATABASE), autocommit=True) as admin:
@@ -178,7 +185,7 @@ class ConsoleStack:
             return conn.execute(query.encode(), params).fetchall()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def console_stack(
     console_dist: Path,
     console_broker: EmbeddedMosquitto,
@@ -274,7 +281,7 @@ def _rows(url: str, query: str) -> list[tuple[Any, ...]]:
 # -- the browser ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 async def browser() -> AsyncIterator[Browser]:
     if not await asyncio.to_thread(CHROMIUM.exists):
         pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium")
