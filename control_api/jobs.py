@@ -305,26 +305,6 @@ class JobManager:
             db_connect_timeout_s=db_connect_timeout_s,
         )
 
-    @property
-    def recordings_dir(self) -> Path | None:
-        """The recordings folder (``None``: no recordings)."""
-        return self._recordings.folder
-
-    @property
-    def max_backtests(self) -> int:
-        """Backtests running at once."""
-        return self._backtests.max_backtests
-
-    @property
-    def max_backtest_range_s(self) -> float:
-        """Longest stored range a backtest may read."""
-        return self._backtests.max_range_s
-
-    @property
-    def backtest_timeout_s(self) -> float:
-        """A backtest running longer is abandoned."""
-        return self._backtests.timeout_s
-
     # -- lifetime ----------------------------------------------------------------------
 
     async def __aenter__(self) -> JobManager:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -228,19 +229,53 @@ async def get_alert(alert_id: str, ctx: Context, _: View) -> AlertDetail:
     )
 
 
+ActionName = Literal["acknowledge", "comment", "assign", "shelve", "unshelve", "resolve"]
+
+
+def _command(
+    ctx: ApiContext, action: ActionName, alert_id: str, change: ActionInput
+) -> Callable[[Actor], Awaitable[Alert]]:
+    """The alert command for ``action`` (one table for REST and the websocket)."""
+    c, v, note = ctx.commands, change.version, change.note
+    calls: dict[ActionName, Callable[[Actor], Awaitable[Alert]]] = {
+        "acknowledge": lambda by: c.acknowledge(alert_id, by=by, expected_version=v, note=note),
+        "comment": lambda by: c.comment(alert_id, by=by, note=note, expected_version=v),
+        "assign": lambda by: c.assign(
+            alert_id, by=by, to=change.assignee, note=note, expected_version=v
+        ),
+        "shelve": lambda by: c.shelve(
+            alert_id, by=by, until=change.until, reason=note, expected_version=v
+        ),
+        "unshelve": lambda by: c.unshelve(alert_id, by=by, expected_version=v),
+        "resolve": lambda by: c.resolve(alert_id, by=by, note=note, expected_version=v),
+    }
+    return calls[action]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionInput:
+    """What an action carries: the version seen, a note (the reason of a shelve), and more."""
+
+    version: int
+    note: str = ""
+    assignee: str = ""
+    until: float = 0.0
+
+
 async def run_action(
     ctx: ApiContext,
     caller: Principal,
     alert_id: str,
-    action: str,
-    call: Callable[[Actor], Awaitable[Alert]],
+    action: ActionName,
+    change: ActionInput,
     *,
     request_addr: str,
 ) -> AlertOut:
     """Run one alert command, audit it, and map the rules errors to HTTP statuses.
 
-    Shared by the REST routes and the websocket's ``ack`` command.
+    Shared by the REST routes and the websocket's commands.
     """
+    call = _command(ctx, action, alert_id, change)
     try:
         alert: Alert = await call(Actor(caller.name, caller.role))
     except AlertNotFound as exc:
@@ -284,13 +319,10 @@ async def acknowledge(
     alert_id: str, body: Versioned, request: Request, ctx: Context, caller: Act
 ) -> AlertOut:
     """Acknowledge, with an optional note."""
+    change = ActionInput(body.version, body.note)
     return await run_action(
-        ctx, caller, alert_id, "acknowledge",
-        lambda by: ctx.commands.acknowledge(
-            alert_id, by=by, expected_version=body.version, note=body.note
-        ),
-        request_addr=client_address(request),
-    )  # fmt: skip
+        ctx, caller, alert_id, "acknowledge", change, request_addr=client_address(request)
+    )
 
 
 @router.post("/alerts/{alert_id}/comment", responses=_ACTION_RESPONSES)
@@ -298,13 +330,10 @@ async def comment(
     alert_id: str, body: CommentIn, request: Request, ctx: Context, caller: Act
 ) -> AlertOut:
     """Add a note to the alert's timeline."""
+    change = ActionInput(body.version, body.note)
     return await run_action(
-        ctx, caller, alert_id, "comment",
-        lambda by: ctx.commands.comment(
-            alert_id, by=by, note=body.note, expected_version=body.version
-        ),
-        request_addr=client_address(request),
-    )  # fmt: skip
+        ctx, caller, alert_id, "comment", change, request_addr=client_address(request)
+    )
 
 
 @router.post("/alerts/{alert_id}/assign", responses=_ACTION_RESPONSES)
@@ -312,13 +341,10 @@ async def assign(
     alert_id: str, body: AssignIn, request: Request, ctx: Context, caller: Act
 ) -> AlertOut:
     """Give the alert to a person."""
+    change = ActionInput(body.version, body.note, assignee=body.assignee)
     return await run_action(
-        ctx, caller, alert_id, "assign",
-        lambda by: ctx.commands.assign(
-            alert_id, by=by, to=body.assignee, note=body.note, expected_version=body.version
-        ),
-        request_addr=client_address(request),
-    )  # fmt: skip
+        ctx, caller, alert_id, "assign", change, request_addr=client_address(request)
+    )
 
 
 @router.post("/alerts/{alert_id}/shelve", responses=_ACTION_RESPONSES)
@@ -328,14 +354,10 @@ async def shelve(
     """Hide the alert until a time, with a reason (audited)."""
     if body.until.tzinfo is None:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "until needs a time zone offset")
+    change = ActionInput(body.version, body.reason, until=body.until.timestamp())
     return await run_action(
-        ctx, caller, alert_id, "shelve",
-        lambda by: ctx.commands.shelve(
-            alert_id, by=by, until=body.until.timestamp(), reason=body.reason,
-            expected_version=body.version,
-        ),
-        request_addr=client_address(request),
-    )  # fmt: skip
+        ctx, caller, alert_id, "shelve", change, request_addr=client_address(request)
+    )
 
 
 @router.post("/alerts/{alert_id}/unshelve", responses=_ACTION_RESPONSES)
@@ -343,11 +365,10 @@ async def unshelve(
     alert_id: str, body: Versioned, request: Request, ctx: Context, caller: Act
 ) -> AlertOut:
     """Show a shelved alert again."""
+    change = ActionInput(body.version)
     return await run_action(
-        ctx, caller, alert_id, "unshelve",
-        lambda by: ctx.commands.unshelve(alert_id, by=by, expected_version=body.version),
-        request_addr=client_address(request),
-    )  # fmt: skip
+        ctx, caller, alert_id, "unshelve", change, request_addr=client_address(request)
+    )
 
 
 @router.post("/alerts/{alert_id}/resolve", responses=_ACTION_RESPONSES)
@@ -355,13 +376,10 @@ async def resolve(
     alert_id: str, body: Versioned, request: Request, ctx: Context, caller: Act
 ) -> AlertOut:
     """Close the alert by hand, where its rule allows it."""
+    change = ActionInput(body.version, body.note)
     return await run_action(
-        ctx, caller, alert_id, "resolve",
-        lambda by: ctx.commands.resolve(
-            alert_id, by=by, note=body.note, expected_version=body.version
-        ),
-        request_addr=client_address(request),
-    )  # fmt: skip
+        ctx, caller, alert_id, "resolve", change, request_addr=client_address(request)
+    )
 
 
 _INCIDENTS = """

@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, WebSocket, status
+from fastapi import APIRouter, HTTPException, WebSocket
 
 from control_api.auth import SESSION_COOKIE, Principal
 from control_api.context import ApiContext
 from control_api.live_ws import check_origin, serve_live
 from control_api.roles import Permission, has_permission
-from control_api.routes.alerts import ConflictError, run_action
+from control_api.routes.alerts import ActionInput, ActionName, ConflictError, run_action
 
 router = APIRouter(tags=["live"])
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _address(websocket: WebSocket) -> str:
     return websocket.client.host if websocket.client else "unknown"
 
 
-_ACTIONS = {
+_ACTIONS: dict[str, ActionName] = {
     "ack": "acknowledge",
     "acknowledge": "acknowledge",
     "comment": "comment",
@@ -79,31 +79,17 @@ async def _command(
     if not isinstance(alert_id, str) or not isinstance(version, int) or isinstance(version, bool):
         return {"ok": False, "status": 422, "error": "alert_id (string) and version (int) needed"}
     note = str(message.get("note", ""))[:2000]
-    c = ctx.commands
-
-    def call(by: Any) -> Any:
-        if action == "acknowledge":
-            return c.acknowledge(alert_id, by=by, expected_version=version, note=note)
-        if action == "comment":
-            return c.comment(alert_id, by=by, note=note, expected_version=version)
-        if action == "unshelve":
-            return c.unshelve(alert_id, by=by, expected_version=version)
-        if action == "resolve":
-            return c.resolve(alert_id, by=by, note=note, expected_version=version)
-        if action == "assign":
-            to = str(message.get("assignee", ""))[:64]
-            return c.assign(alert_id, by=by, to=to, note=note, expected_version=version)
+    change = ActionInput(version, note)
+    if action == "assign":
+        change = ActionInput(version, note, assignee=str(message.get("assignee", ""))[:64])
+    elif action == "shelve":
         until = message.get("until")
         if not isinstance(until, int | float):
-            msg = "shelve needs until (epoch seconds)"
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, msg)
-        return c.shelve(
-            alert_id, by=by, until=float(until), reason=note or "shelved", expected_version=version
-        )
-
+            return {"ok": False, "status": 422, "error": "shelve needs until (epoch seconds)"}
+        change = ActionInput(version, note or "shelved", until=float(until))
     try:
         alert = await run_action(
-            ctx, caller, alert_id, action, call, request_addr=_address(websocket)
+            ctx, caller, alert_id, action, change, request_addr=_address(websocket)
         )
     except ConflictError as exc:
         current = exc.current.model_dump(mode="json") if exc.current else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from rules import (
     AlertLifecycle,
     AlertSignal,
     AlertStore,
+    Rule,
     RuleSet,
 )
 from tests.control_api.conftest import ApiClient, RunningApi
@@ -32,9 +34,13 @@ class _Clock:
         return self.t
 
 
+@functools.cache
+def _default_rules() -> tuple[Rule, ...]:
+    return RuleSet.load(DEFAULT_RULES).rules
+
+
 def _signal(rule_id: str, device: str, channel: str, district: str, domain: str) -> AlertSignal:
-    rules = {r.id: r for r in RuleSet.load(DEFAULT_RULES).rules}
-    rule = rules[rule_id]
+    rule = next(r for r in _default_rules() if r.id == rule_id)
     return AlertSignal(
         kind="raise",
         rule_id=rule_id,
@@ -56,7 +62,7 @@ class Seeder:
 
     def __init__(self, database_url: str) -> None:
         self.store = AlertStore(database_url)
-        self.lifecycle = AlertLifecycle(RuleSet.load(DEFAULT_RULES).rules, clock=_Clock())
+        self.lifecycle = AlertLifecycle(_default_rules(), clock=_Clock())
 
     async def raise_(
         self, rule_id: str, device: str, channel: str, district: str, domain: str
