@@ -1,6 +1,6 @@
 """Lossless MQTT → TimescaleDB ingest: the public names sibling packages use."""
 
-from ingest.batch import BatchSink, BatchSource, CommittedBatch
+from ingest.batch import BatchSink, BatchSource, CommittedBatch, DecodedBatch, DecodedSink
 from ingest.decode import DEFAULT_LIMITS, DecodeLimits, decode_message
 from ingest.errors import DecodeError, IngestError, StorageUnavailable
 from ingest.model import DOMAINS, DeadLetter, DeviceRef, Domain, Presence, Reading
@@ -18,6 +18,8 @@ __all__ = [
     "DeadLetter",
     "DecodeError",
     "DecodeLimits",
+    "DecodedBatch",
+    "DecodedSink",
     "DeviceRef",
     "Domain",
     "IngestConfig",

@@ -60,6 +60,28 @@ class CommittedBatch:
     """``replay`` (the sandbox) or ``drill`` (a live-namespace replay): never pages anyone."""
 
 
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """Readings and presence changes as decoded, before their commit.
+
+    What the rules engine evaluates: handed over once per event-loop turn,
+    so an alert does not wait for the batching window and the COPY. The
+    readings are committed later (or held and retried while the database is
+    down, never dropped); a crash before that commit redelivers them.
+    """
+
+    readings: tuple[Reading, ...]
+    presences: tuple[Presence, ...]
+    source: BatchSource = "live"
+
+
+class DecodedSink(Protocol):
+    """Consumes decoded readings in arrival order, before commit. Must not block the loop."""
+
+    def on_decoded(self, batch: DecodedBatch) -> None:
+        """Take the readings and presence changes decoded in one event-loop turn."""
+
+
 class BatchSink(Protocol):
     """Consumes committed batches in commit order. Must not block the loop."""
 

@@ -1,5 +1,10 @@
 """The ingest engine: decode → batch → commit → acknowledge → sinks.
 
+Two kinds of consumers: *decoded sinks* (the rules engine) get the readings
+as decoded, once per event-loop turn, so an alert does not wait for the
+batching window and the commit; *batch sinks* (the live hub, staleness) get
+each batch after its commit.
+
 Overflow policy (every queue is bounded): messages are decoded as they arrive
 into the open batch; a full batch is sealed and queued for the writer. When
 the messages held in memory (sealed plus open) reach ``max_buffered_messages``
@@ -23,11 +28,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cityops.backoff import Backoff
-from ingest.batch import Batch, BatchSink, BatchSource, CommittedBatch
+from ingest.batch import Batch, BatchSink, BatchSource, CommittedBatch, DecodedBatch, DecodedSink
 from ingest.decode import DecodeLimits, decode_message
 from ingest.errors import DecodeError, StorageUnavailable
 from ingest.metrics import IngestMetrics
-from ingest.model import DeadLetter, Presence
+from ingest.model import DeadLetter, Presence, Reading
 from ingest.mqtt import InboundMessage
 from ingest.store import ReadingStore
 
@@ -105,6 +110,11 @@ class IngestPipeline:
         self._limits = limits or DecodeLimits()
         self.metrics = metrics or IngestMetrics()
         self._sinks = list(sinks)
+        self._decoded_sinks: list[DecodedSink] = []
+        self._decoded_readings: list[Reading] = []
+        self._decoded_presences: list[Presence] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handover_due = False
         self._source: AckingSource | None = None
         self._open = Batch()
         self._sealed: collections.deque[Batch] = collections.deque()
@@ -123,6 +133,10 @@ class IngestPipeline:
     def add_sink(self, sink: BatchSink) -> None:
         """Add a consumer of committed batches."""
         self._sinks.append(sink)
+
+    def add_decoded_sink(self, sink: DecodedSink) -> None:
+        """Add a consumer of decoded readings (before their commit)."""
+        self._decoded_sinks.append(sink)
 
     @property
     def buffered(self) -> int:
@@ -157,6 +171,9 @@ class IngestPipeline:
                 batch.presences.append(decoded)
                 if self._sandbox:
                     batch.presence_run_ids.append(run_id)
+                if self._decoded_sinks:
+                    self._decoded_presences.append(decoded)
+                    self._schedule_handover()
             elif decoded:
                 home = self._store.home_of(decoded[0].device.device_id)
                 device = decoded[0].device
@@ -173,6 +190,9 @@ class IngestPipeline:
                     batch.reading_received_at.extend([msg.received_at] * len(decoded))
                     if self._sandbox:
                         batch.reading_run_ids.extend([run_id] * len(decoded))
+                    if self._decoded_sinks:
+                        self._decoded_readings.extend(decoded)
+                        self._schedule_handover()
         if msg.qos > 0:
             batch.acks.append((msg.generation, msg.mid))
         batch.messages += 1
@@ -185,6 +205,29 @@ class IngestPipeline:
         if self._buffered >= opts.max_buffered_messages and self._source is not None:
             self._source.pause_reading()
             self.metrics.paused.set(1)
+
+    def _schedule_handover(self) -> None:
+        """Hand decoded readings to the decoded sinks after this loop turn's messages."""
+        if self._handover_due:
+            return
+        self._handover_due = True
+        if self._loop is None:
+            self._hand_over_decoded()  # no writer running (a test): right away
+        else:
+            self._loop.call_soon(self._hand_over_decoded)
+
+    def _hand_over_decoded(self) -> None:
+        self._handover_due = False
+        decoded = DecodedBatch(
+            tuple(self._decoded_readings), tuple(self._decoded_presences), self._batch_source
+        )
+        self._decoded_readings.clear()
+        self._decoded_presences.clear()
+        for sink in self._decoded_sinks:
+            try:
+                sink.on_decoded(decoded)
+            except Exception:
+                log.exception("decoded sink %r failed; ingest goes on", sink)
 
     def _seal(self) -> None:
         if self._open.messages:
@@ -220,6 +263,7 @@ class IngestPipeline:
 
     async def run(self) -> None:
         """Commit batches until ``stop()``; then flush what is buffered and return."""
+        self._loop = asyncio.get_running_loop()
         backoff = Backoff(self._options.retry_initial_s, self._options.retry_max_s)
         while True:
             self._update_lag()

@@ -141,7 +141,7 @@ class IngestService:
                 database_url=config.database_url,
             )
             for pipeline in self._pipelines:
-                pipeline.add_sink(self.alerts)
+                pipeline.add_decoded_sink(self.alerts)
 
     @property
     def _pipelines(self) -> tuple[IngestPipeline, ...]:

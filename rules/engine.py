@@ -42,7 +42,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from ingest import CommittedBatch, DeviceRef, Presence, Reading
+from ingest import CommittedBatch, DecodedBatch, DeviceRef, Presence, Reading
 from rules.baseline import BaselineBank
 from rules.expr import Binary, Bool, Call, Dur, Name, Node, Num, Str, Unary, walk
 from rules.kinds import KindResolver, prefix_kind_resolver
@@ -642,8 +642,8 @@ class Evaluator:
         if series.baseline and r.value is not None:
             self.baselines.update(series.key, r.ts, r.value)
 
-    def on_batch(self, batch: CommittedBatch) -> list[AlertSignal]:
-        """Evaluate one committed ingest batch: its readings, then its presence changes.
+    def on_batch(self, batch: DecodedBatch | CommittedBatch) -> list[AlertSignal]:
+        """Evaluate one batch of decoded readings: its readings, then its presence changes.
 
         Readings go first: a device's last readings and its will message
         (offline) often share a batch, and those readings were taken while

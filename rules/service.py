@@ -1,8 +1,13 @@
-"""The rules engine in the ingest process: committed batches in, stored alerts out.
+"""The rules engine in the ingest process: decoded readings in, stored alerts out.
 
-``AlertService`` is a batch sink of the ingest pipeline (decode once: it
-evaluates the readings the pipeline already decoded and committed). Signals
-are applied in order by one task: the alert lifecycle decides the
+``AlertService`` is a decoded sink of the ingest pipeline (decode once: it
+evaluates the readings the pipeline already decoded, as they arrive, without
+waiting for their batch's commit: a tripping reading becomes an alert in
+milliseconds, not after the batching window and the COPY). A reading the
+database has not taken yet is not lost: it is held and retried, or after a
+crash redelivered by the broker; the restarted evaluator then knows the open
+alert (one per rule and subject), so the redelivered reading raises nothing
+twice. Signals are applied in order by one task: the alert lifecycle decides the
 transition, the ``AlertStore`` commits it (the database is the truth), then
 the event is published on ``cityops/alerts/{id}``. A failed write is retried
 with backoff and never skipped: an alert is not lost because the database
@@ -32,7 +37,7 @@ from psycopg import AsyncConnection
 
 from cityops.backoff import Backoff
 from cityops.settings import MqttEndpoint
-from ingest import CommittedBatch, DeviceRef, Reading
+from ingest import DecodedBatch, DeviceRef, Reading
 from rules.alerts import Alert, AlertEvent, AlertSource
 from rules.engine import AlertSignal, Evaluator
 from rules.errors import LifecycleError, RulesError, VersionConflict
@@ -185,10 +190,10 @@ class AlertService:
         self.out_of_service: frozenset[str] = frozenset()
         """Devices under maintenance: their new alerts open as ``out_of_service``."""
 
-    # -- sink (on the event loop, right after a commit) ----------------------
+    # -- sink (on the event loop, right after decoding) ------------------------
 
-    def on_batch(self, batch: CommittedBatch) -> None:
-        """Evaluate a committed batch; its signals are applied by ``run``."""
+    def on_decoded(self, batch: DecodedBatch) -> None:
+        """Evaluate freshly decoded readings; their signals are applied by ``run``."""
         source: AlertSource = batch.source
         signals = self._evaluators[source].on_batch(batch)
         if signals:

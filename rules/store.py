@@ -36,18 +36,24 @@ _TIMES = frozenset(
         "shelved_until",
     }
 )
-_INSERT = (
-    f"INSERT INTO alerts ({', '.join(_FIELDS)}, run_id)"
+_EVENT_COLUMNS = "alert_id, version, action, from_state, to_state, actor, at, note, notify"
+_EVENT_VALUES = "%s, %s, %s, %s, %s, %s, %s, %s, %s"
+# One statement per transition (one round trip, atomic on its own): the
+# alert row and its event are written together or not at all. A conflict on
+# ``alerts_one_open`` or a stale version writes nothing, which the returned
+# row count tells.
+_OPEN = (
+    f"WITH opened AS (INSERT INTO alerts ({', '.join(_FIELDS)}, run_id)"
     f" VALUES ({', '.join(['%s'] * len(_FIELDS))}, %s)"
+    " ON CONFLICT (rule_id, subject, source, run_id) WHERE state <> 'closed' DO NOTHING"
+    " RETURNING id)"
+    f" INSERT INTO alert_events ({_EVENT_COLUMNS}) SELECT {_EVENT_VALUES} FROM opened"
 )
-_UPDATE = (
-    "UPDATE alerts SET "
+_CHANGE = (
+    "WITH changed AS (UPDATE alerts SET "
     + ", ".join(f"{f} = %s" for f in _FIELDS if f != "id")
-    + " WHERE id = %s AND version = %s"
-)
-_EVENT = (
-    "INSERT INTO alert_events (alert_id, version, action, from_state, to_state, actor, at,"
-    " note, notify) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    + " WHERE id = %s AND version = %s RETURNING id)"
+    + f" INSERT INTO alert_events ({_EVENT_COLUMNS}) SELECT {_EVENT_VALUES} FROM changed"
 )
 
 
@@ -111,6 +117,7 @@ class AlertStore:
                 self._conn = await AsyncConnection.connect(
                     self._conninfo,
                     row_factory=dict_row,
+                    autocommit=True,
                     connect_timeout=max(1, int(self._connect_timeout_s)),
                 )
             except psycopg.Error as exc:
@@ -198,57 +205,48 @@ class AlertStore:
         event: AlertEvent,
         run_id: str | None,
     ) -> None:
+        event_values = (
+            event.alert_id,
+            event.version,
+            event.action,
+            event.from_state,
+            event.to_state,
+            event.actor,
+            datetime.fromtimestamp(event.at, UTC),
+            event.note,
+            event.notify,
+        )
         try:
-            async with conn.transaction():
-                if before is None:
-                    try:
-                        async with conn.transaction():
-                            await conn.execute(
-                                _INSERT,
-                                [*(_to_db(f, getattr(after, f)) for f in _FIELDS), run_id],
-                            )
-                    except psycopg.errors.UniqueViolation:
-                        cur = await conn.execute(
-                            "SELECT * FROM alerts WHERE rule_id = %s AND subject = %s"
-                            " AND source = %s AND run_id IS NOT DISTINCT FROM %s"
-                            " AND state <> 'closed'",
-                            (after.rule_id, after.subject, after.source, run_id),
-                        )
-                        row = await cur.fetchone()
-                        if row is None:
-                            raise
-                        raise AlertAlreadyOpen(alert_from_row(row)) from None
-                else:
-                    cur = await conn.execute(
-                        _UPDATE,
-                        [
-                            *(_to_db(f, getattr(after, f)) for f in _FIELDS if f != "id"),
-                            after.id,
-                            before.version,
-                        ],
-                    )
-                    if cur.rowcount != 1:
-                        current = await self._get_in(conn, after.id)
-                        raise VersionConflict(
-                            after.id,
-                            before.version,
-                            current.version if current else -1,
-                            current.acked_by if current else None,
-                            current.acked_at if current else None,
-                        )
-                await conn.execute(
-                    _EVENT,
-                    (
-                        event.alert_id,
-                        event.version,
-                        event.action,
-                        event.from_state,
-                        event.to_state,
-                        event.actor,
-                        datetime.fromtimestamp(event.at, UTC),
-                        event.note,
-                        event.notify,
-                    ),
+            if before is None:
+                alert_values = [*(_to_db(f, getattr(after, f)) for f in _FIELDS), run_id]
+                cur = await conn.execute(_OPEN, [*alert_values, *event_values])
+                if cur.rowcount == 1:
+                    return
+                cur = await conn.execute(
+                    "SELECT * FROM alerts WHERE rule_id = %s AND subject = %s"
+                    " AND source = %s AND run_id IS NOT DISTINCT FROM %s"
+                    " AND state <> 'closed'",
+                    (after.rule_id, after.subject, after.source, run_id),
+                )
+                row = await cur.fetchone()
+                if row is None:  # closed again in between: a plain retry opens it
+                    msg = f"alert {after.id!r} not saved: the open alert vanished; retry"
+                    raise AlertStoreError(msg)
+                raise AlertAlreadyOpen(alert_from_row(row))
+            alert_values = [
+                *(_to_db(f, getattr(after, f)) for f in _FIELDS if f != "id"),
+                after.id,
+                before.version,
+            ]
+            cur = await conn.execute(_CHANGE, [*alert_values, *event_values])
+            if cur.rowcount != 1:
+                current = await self._get_in(conn, after.id)
+                raise VersionConflict(
+                    after.id,
+                    before.version,
+                    current.version if current else -1,
+                    current.acked_by if current else None,
+                    current.acked_at if current else None,
                 )
         except psycopg.Error as exc:
             msg = f"alert {after.id!r} not saved: {exc}"

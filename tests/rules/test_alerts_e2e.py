@@ -15,6 +15,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cityops.settings import MqttEndpoint
+from ingest import PipelineOptions
 from tests.ingest.conftest import ServiceFactory
 from tests.mqtt_helpers import publish_all
 from tests.polling import until as _until
@@ -142,3 +143,28 @@ async def test_restart_keeps_the_open_alert_and_raises_no_duplicate(
     rows = _alerts(database_url, device)
     assert len(rows) == 1  # still one alert: the low level persisted, no second raise
     assert rows[0][1] == "active_unacked"
+
+
+async def test_alert_does_not_wait_for_its_readings_commit(
+    ingest_service: ServiceFactory, mqtt_url: str, database_url: str, tmp_path: Path
+) -> None:
+    """The rules see readings as decoded: a long batching window delays storage, not alerts."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    device = f"tank-{uuid.uuid4().hex[:6]}"
+    topic = f"city/facility/kita/{device}"
+    slow_batches = PipelineOptions(batch_max_delay_s=4.0)
+    async with ingest_service(rules_path=rules, pipeline=slow_batches) as svc:
+        await asyncio.to_thread(
+            publish_all, mqtt_url, [(topic, orjson.dumps({"ts": time.time(), "level": 1.0}))]
+        )
+        await _until(lambda: len(_alerts(database_url, device)) == 1, timeout_s=3.0)
+        assert svc.metrics.stored._value.get() == 0  # the reading still waits in its batch
+        await _until(lambda: svc.metrics.stored._value.get() == 1, timeout_s=10.0)
+    with psycopg.connect(database_url) as conn:
+        (stored,) = conn.execute(
+            "SELECT count(*) FROM readings r JOIN series s ON s.id = r.series_id"
+            " WHERE s.device_id = %s",
+            (device,),
+        ).fetchone() or (0,)
+    assert stored == 1
