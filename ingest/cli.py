@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cityops.errors import CityopsError
 from cityops.runtime import rules_path, service_urls
-from cityops.settings import MqttEndpoint, Settings
+from cityops.settings import Settings
 from ingest.decode import DEFAULT_LIMITS, DecodeLimits
 from ingest.mqtt import MqttOptions
 from ingest.pipeline import PipelineOptions
@@ -100,7 +100,7 @@ def _run_checked(args: argparse.Namespace) -> int:
     mqtt_url, database_url = service_urls(settings)
     client_id = args.client_id or default_client_id(args.shared_group)
     config = IngestConfig(
-        mqtt=MqttEndpoint.parse(mqtt_url),
+        mqtt=settings.mqtt_endpoint(mqtt_url),
         database_url=database_url,
         client_id=client_id,
         shared_group=args.shared_group,
@@ -119,6 +119,8 @@ def _run_checked(args: argparse.Namespace) -> int:
         mqtt_options=MqttOptions(client_id=client_id),
         replay=not args.no_replay_sandbox,
         rules_path=_rules_for(args, settings),
+        # A member sees a share of each device's reports: `cityops rules` tracks staleness.
+        track_staleness=args.shared_group is None,
     )
     asyncio.run(run_ingest(config))
     return 0
@@ -136,8 +138,8 @@ def _rules_for(args: argparse.Namespace, settings: Settings) -> Path | None:
         return None
     if args.shared_group and args.rules is None:
         log.warning(
-            "--shared-group: rules are not evaluated by this member (it sees a share of "
-            "the stream); run them in one unshared ingester or pass --rules explicitly"
+            "--shared-group: rules and device staleness are not evaluated by this member "
+            "(it sees a share of the stream); run `cityops rules` beside the ingesters"
         )
         return None
     return args.rules or rules_path(settings)

@@ -28,13 +28,20 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cityops.backoff import Backoff
-from ingest.batch import Batch, BatchSink, BatchSource, CommittedBatch, DecodedBatch, DecodedSink
+from ingest.batch import (
+    Batch,
+    BatchSink,
+    BatchSource,
+    CommittedBatch,
+    DecodedBatch,
+    DecodedSink,
+    StoreResult,
+)
 from ingest.decode import DecodeLimits, decode_message
 from ingest.errors import DecodeError, StorageUnavailable
 from ingest.metrics import IngestMetrics
 from ingest.model import DeadLetter, Presence, Reading
 from ingest.mqtt import InboundMessage
-from ingest.store import ReadingStore
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,46 @@ class AckingSource(Protocol):
 
     def resume_reading(self) -> None:
         """Read again."""
+
+
+class BatchStore(Protocol):
+    """Where committed batches go: ``ingest.store.ReadingStore``, or nowhere."""
+
+    sandbox: bool
+
+    def home_of(self, device_id: str) -> tuple[str, str] | None:
+        """The (domain, district) a device is registered in, if known."""
+
+    async def write(self, batch: Batch) -> StoreResult:
+        """Commit a batch (raises ``StorageUnavailable``)."""
+
+    async def close(self) -> None:
+        """Release the connection."""
+
+
+@dataclass(slots=True)
+class DiscardingStore:
+    """Stores nothing: the rules service decodes and evaluates, the ingesters store.
+
+    Its batches are "committed" at once, so messages are acknowledged after
+    the batch window; a crash loses no alert because the restarted rules
+    service rebuilds its windows from the readings the ingesters stored.
+    """
+
+    sandbox: bool = False
+
+    def home_of(self, device_id: str) -> tuple[str, str] | None:
+        """Unknown here: identity is checked where readings are stored."""
+        return None
+
+    async def write(self, batch: Batch) -> StoreResult:
+        """Nothing to write."""
+        return StoreResult(
+            stored=0, duplicates=0, dead_letters=len(batch.dead_letters), presence_applied=0
+        )
+
+    async def close(self) -> None:
+        """Nothing to close."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +145,7 @@ class IngestPipeline:
     def __init__(
         self,
         *,
-        store: ReadingStore,
+        store: BatchStore,
         options: PipelineOptions | None = None,
         limits: DecodeLimits | None = None,
         metrics: IngestMetrics | None = None,

@@ -24,7 +24,13 @@ from ingest.batch import BatchSink
 from ingest.decode import DecodeLimits
 from ingest.metrics import IngestMetrics
 from ingest.mqtt import InboundMessage, ManualAckClient, MqttOptions
-from ingest.pipeline import REPLAY_PREFIX, IngestPipeline, PipelineOptions
+from ingest.pipeline import (
+    REPLAY_PREFIX,
+    BatchStore,
+    DiscardingStore,
+    IngestPipeline,
+    PipelineOptions,
+)
 from ingest.presence import StalenessMonitor, StalenessOptions, StalenessService
 from ingest.store import ReadingStore, StoreOptions
 
@@ -79,7 +85,12 @@ class IngestConfig:
     replay: bool = True
     """Also store replayed traffic (``cityops/replay/#``) in the replay sandbox."""
     rules_path: Path | None = None
-    """Evaluate these rules on the committed stream (None: no rules engine)."""
+    """Evaluate these rules on the decoded stream (None: no rules engine)."""
+    store_readings: bool = True
+    """False for the rules service: decode and evaluate, leave storage to the ingesters."""
+    track_staleness: bool = True
+    """Track device staleness; only a process that sees every message can (not a
+    member of a shared subscription)."""
 
     @property
     def subscriptions(self) -> list[str]:
@@ -96,7 +107,7 @@ class IngestService:
     def __init__(self, config: IngestConfig, *, sinks: tuple[BatchSink, ...] = ()) -> None:
         self.config = config
         self.metrics = IngestMetrics()
-        self.store = ReadingStore(config.database_url, config.store)
+        self.store: BatchStore = self._store_for(sandbox=False)
         self.staleness = StalenessMonitor(options=config.staleness, metrics=self.metrics)
         self._staleness_service = StalenessService(self.staleness, config.database_url)
         self._staleness_task: asyncio.Task[None] | None = None
@@ -105,10 +116,10 @@ class IngestService:
             options=config.pipeline,
             limits=config.limits,
             metrics=self.metrics,
-            sinks=(self.staleness, *sinks),
+            sinks=(self.staleness, *sinks) if config.track_staleness else sinks,
         )
         self.replay_pipeline = IngestPipeline(
-            store=ReadingStore(config.database_url, config.store, sandbox=True),
+            store=self._store_for(sandbox=True),
             options=config.pipeline,
             limits=config.limits,
             metrics=IngestMetrics(registry=self.metrics.registry, prefix="cityops_replay_"),
@@ -117,7 +128,7 @@ class IngestService:
         # A drill (a replay into the live namespace) is stored in the live
         # tables, but reaches the sinks marked as a drill: it never pages.
         self.drill_pipeline = IngestPipeline(
-            store=ReadingStore(config.database_url, config.store),
+            store=self._store_for(sandbox=False),
             options=config.pipeline,
             limits=config.limits,
             metrics=IngestMetrics(registry=self.metrics.registry, prefix="cityops_drill_"),
@@ -143,6 +154,12 @@ class IngestService:
             for pipeline in self._pipelines:
                 pipeline.add_decoded_sink(self.alerts)
 
+    def _store_for(self, *, sandbox: bool) -> BatchStore:
+        cfg = self.config
+        if not cfg.store_readings:
+            return DiscardingStore(sandbox=sandbox)
+        return ReadingStore(cfg.database_url, cfg.store, sandbox=sandbox)
+
     @property
     def _pipelines(self) -> tuple[IngestPipeline, ...]:
         return (self.pipeline, self.replay_pipeline, self.drill_pipeline)
@@ -154,15 +171,16 @@ class IngestService:
                 cfg.metrics_port, addr=cfg.metrics_host, registry=self.metrics.registry
             )
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, cfg.metrics_port)
-        try:
-            restored = await self._staleness_service.restore()
-            log.info("last reports of %d known devices restored", restored)
-        except psycopg.Error as exc:
-            # Ingest must start even when the database is down: it holds batches.
-            log.warning("device staleness starts empty: %s", exc)
-        self._staleness_task = asyncio.create_task(
-            self._staleness_service.run(), name="ingest-staleness"
-        )
+        if cfg.track_staleness:
+            try:
+                restored = await self._staleness_service.restore()
+                log.info("last reports of %d known devices restored", restored)
+            except psycopg.Error as exc:
+                # Ingest must start even when the database is down: it holds batches.
+                log.warning("device staleness starts empty: %s", exc)
+            self._staleness_task = asyncio.create_task(
+                self._staleness_service.run(), name="ingest-staleness"
+            )
         if self.alerts is not None:
             try:
                 await self.alerts.start()

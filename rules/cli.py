@@ -37,6 +37,7 @@ from rich.progress import (
 from cityops.errors import ConfigError
 from cityops.runtime import embedded_postgres, rules_path
 from cityops.settings import Settings
+from rules import serve
 from rules.backtest import (
     BacktestOptions,
     BacktestRun,
@@ -103,13 +104,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add ``cityops rules`` and ``cityops backtest`` to the ``cityops`` parser."""
     rules = subparsers.add_parser(
         "rules",
-        help="rule files: validate a candidate before it goes live",
+        help="the rules engine as a service of its own; `rules validate` checks rule files",
         description=(
-            "Rules are evaluated inside `cityops ingest` (on the decoded stream, no second "
-            "parse); this command checks rule files."
+            "Without an action: run the rules engine alone, for scaled-out deployments where "
+            "`cityops ingest --shared-group` members store readings (one instance evaluates; "
+            "others wait as hot standbys). `cityops ingest` without a shared group evaluates "
+            "the rules itself."
         ),
     )
-    rules_sub = rules.add_subparsers(dest="rules_command", metavar="ACTION", required=True)
+    serve.add_arguments(rules)
+    rules.set_defaults(handler=serve.run)
+    rules_sub = rules.add_subparsers(dest="rules_command", metavar="ACTION", required=False)
     validate = rules_sub.add_parser(
         "validate", help="load and check a rules file or folder; print errors with file:line"
     )
