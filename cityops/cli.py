@@ -19,6 +19,7 @@ from cityops.logs import configure_logging
 # Packages that contribute subcommands, in the order their help is listed.
 _COMMAND_MODULES = (
     "cityops.commands",
+    "cityops.device_commands",
     "ingest.cli",
     "simulators.cli",
     "rules.cli",

@@ -44,9 +44,22 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
-from cityops.errors import EmbeddedServiceError
+from cityops.broker_security import (
+    BrokerSecurity,
+    CredentialStore,
+    ServiceUser,
+    TlsListener,
+    render_security_conf,
+)
+from cityops.errors import BrokerSecurityError, EmbeddedServiceError
 
-__all__ = ["BrokerTuning", "EmbeddedMosquitto", "EmbeddedPostgres", "PostgresTuning"]
+__all__ = [
+    "BrokerSecurity",
+    "BrokerTuning",
+    "EmbeddedMosquitto",
+    "EmbeddedPostgres",
+    "PostgresTuning",
+]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +181,14 @@ def _read_pid_file(path: Path) -> int | None:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def _server_names(security: BrokerSecurity) -> list[str]:
+    """Names the generated server certificate must cover: this host and its listener."""
+    names = ["localhost", "127.0.0.1", "::1", socket.gethostname(), *security.server_names]
+    if security.tls_host not in ("0.0.0.0", "::", ""):
+        names.append(security.tls_host)
+    return names
 
 
 def _quote_conf(value: str) -> str:
@@ -304,13 +325,26 @@ class BrokerTuning:
 
 
 def render_mosquitto_conf(
-    *, host: str, port: int, data_dir: Path, log_path: Path, tuning: BrokerTuning, as_root: bool
+    *,
+    host: str,
+    port: int,
+    data_dir: Path,
+    log_path: Path,
+    tuning: BrokerTuning,
+    as_root: bool,
+    security_lines: Sequence[str] = (),
 ) -> str:
-    """The mosquitto.conf of an embedded broker (pure: tested without a broker)."""
+    """The mosquitto.conf of an embedded broker (pure: tested without a broker).
+
+    Without ``security_lines`` anyone may connect and do anything (the test
+    broker); with them (see :func:`cityops.broker_security.render_security_conf`)
+    they come last, because a second ``listener`` line starts that listener's
+    own options.
+    """
     lines = [
         "# Written by cityops at every start of the embedded broker: edits are overwritten.",
         f"listener {port} {host}",
-        "allow_anonymous true",
+        *([] if security_lines else ["allow_anonymous true"]),
         "set_tcp_nodelay true",
         f"max_inflight_messages {min(tuning.max_inflight_messages, _MOSQUITTO_INT_MAX)}",
         f"max_queued_messages {min(tuning.max_queued_messages, _MOSQUITTO_INT_MAX)}",
@@ -338,6 +372,7 @@ def render_mosquitto_conf(
         # The broker is our child process: it keeps our identity, like PostgreSQL
         # keeps its own.
         lines.append("user root")
+    lines.extend(security_lines)
     return "\n".join(lines) + "\n"
 
 
@@ -348,6 +383,12 @@ class EmbeddedMosquitto(_EmbeddedService):
     saved every ``autosave_interval_s`` and on a clean :meth:`stop`, and come back
     on the next start. A pid file lets a later process see a broker that is
     still running and adopt it instead of starting a second one.
+
+    Without ``security`` the broker accepts anonymous clients and allows every
+    topic (the test suite's broker). With it, clients log in (service users and
+    provisioned devices of :class:`~cityops.broker_security.CredentialStore`),
+    an ACL limits each, and a TLS listener serves ``mqtts://``; :meth:`reload`
+    makes a running broker reread the password and ACL files.
 
     Example:
         >>> with EmbeddedMosquitto(Path(".cityops/mosquitto")) as broker:  # doctest: +SKIP
@@ -366,6 +407,7 @@ class EmbeddedMosquitto(_EmbeddedService):
         start_timeout_s: float = 10.0,
         stop_timeout_s: float = 60.0,
         mosquitto_bin: Path | None = None,
+        security: BrokerSecurity | None = None,
     ) -> None:
         super().__init__(
             data_dir,
@@ -377,6 +419,13 @@ class EmbeddedMosquitto(_EmbeddedService):
         self._tuning = tuning
         self._bin = mosquitto_bin
         self._process: subprocess.Popen[bytes] | None = None
+        self._security = security
+        self._tls_port: int | None = security.tls_port if security is not None else None
+        self.credentials: CredentialStore | None = (
+            CredentialStore(security.directory, mosquitto_passwd=security.mosquitto_passwd)
+            if security is not None
+            else None
+        )
 
     # ---------------------------------------------------------------- public
 
@@ -389,6 +438,70 @@ class EmbeddedMosquitto(_EmbeddedService):
     def url(self) -> str:
         """``mqtt://host:port`` of the listener."""
         return f"mqtt://{_url_host(self._host)}:{self.port}"
+
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS listener's port (``None`` without TLS); known once started."""
+        if self._security is None or not self._security.tls:
+            return None
+        if self._tls_port is None:
+            recorded = _read_state(self._state_path).get("tls_port")
+            if isinstance(recorded, int) and self._running_pid() is not None:
+                self._tls_port = recorded
+        return self._tls_port
+
+    @property
+    def tls_url(self) -> str | None:
+        """``mqtts://host:port`` of the TLS listener, or ``None`` without one."""
+        if self._security is None or self.tls_port is None:
+            return None
+        return f"mqtts://{_url_host(self._security.tls_host)}:{self.tls_port}"
+
+    @property
+    def ca_file(self) -> Path | None:
+        """The CA certificate that signs the TLS listener's certificate, if any."""
+        if self._security is None or not self._security.tls:
+            return None
+        if self._security.server_tls is not None:
+            return self._security.server_tls.ca_file
+        assert self.credentials is not None
+        return self.credentials.ca.ca_file
+
+    def service_url(self, user: ServiceUser) -> str:
+        """``mqtt://user:password@host:port`` of the plain listener for a service.
+
+        Without security this is :attr:`url`. Credentials are created by the
+        first start (or earlier by :meth:`CredentialStore.ensure_service_credentials`).
+
+        Raises:
+            EmbeddedServiceError: the service's password cannot be read.
+        """
+        if self.credentials is None:
+            return self.url
+        try:
+            password = self.credentials.service_password(user)
+        except BrokerSecurityError as exc:
+            raise self._error(str(exc)) from exc
+        if password is None:
+            msg = f"no credentials for {user} in {self.credentials.directory}: start the broker"
+            raise self._error(msg)
+        return f"mqtt://{quote(str(user), safe='')}:{quote(password, safe='')}@" + self.url[7:]
+
+    def reload(self) -> bool:
+        """Make the running broker reread its password and ACL files (SIGHUP).
+
+        Returns:
+            False when no broker runs for this data dir (the files apply at its start).
+        """
+        pid = self._running_pid()
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            return False
+        log.info("mosquitto (pid %d) told to reload its password and ACL files", pid)
+        return True
 
     def start(self) -> None:
         """Start the broker and wait until it answers MQTT; no-op when running.
@@ -406,7 +519,8 @@ class EmbeddedMosquitto(_EmbeddedService):
             port = self._claim_port()
             process = self._spawn(port)
             if self._wait_ready(process, port, deadline):
-                log.info("mosquitto listening on %s (pid %d)", self.url, process.pid)
+                tls = f" and {self.tls_url}" if self.tls_url else ""
+                log.info("mosquitto listening on %s%s (pid %d)", self.url, tls, process.pid)
                 return
             self._pid_path.unlink(missing_ok=True)
             self._process = None
@@ -542,6 +656,44 @@ class EmbeddedMosquitto(_EmbeddedService):
             raise self._error(msg)
         return Path(found)
 
+    def _security_lines(self) -> list[str]:
+        """Write the credential, ACL and certificate files; the conf lines that use them."""
+        security, store = self._security, self.credentials
+        if security is None or store is None:
+            return []
+        try:
+            store.ensure_service_credentials()
+            tls = None
+            if security.tls:
+                files = security.server_tls or store.ca.ensure_server_certificate(
+                    _server_names(security)
+                )
+                tls = TlsListener(
+                    host=security.tls_host,
+                    port=self._claim_tls_port(security),
+                    files=files,
+                    crl_file=store.ca.crl_file if security.server_tls is None else None,
+                    client_certificates=security.client_certificates,
+                )
+        except (BrokerSecurityError, OSError, ValueError) as exc:
+            msg = f"cannot prepare authentication and TLS in {security.directory}: {exc}"
+            raise self._error(msg) from exc
+        return render_security_conf(
+            password_file=store.password_file, acl_file=store.acl_file, tls=tls
+        )
+
+    def _claim_tls_port(self, security: BrokerSecurity) -> int:
+        """The TLS port: configured, else the previous one when free, else a free one."""
+        if security.tls_port is not None:
+            self._tls_port = security.tls_port
+            return security.tls_port
+        recorded = _read_state(self._state_path).get("tls_port")
+        if isinstance(recorded, int) and _port_is_free(security.tls_host, recorded):
+            self._tls_port = recorded
+        else:
+            self._tls_port = _pick_free_port(security.tls_host)
+        return self._tls_port
+
     def _spawn(self, port: int) -> subprocess.Popen[bytes]:
         conf = render_mosquitto_conf(
             host=self._host,
@@ -550,11 +702,15 @@ class EmbeddedMosquitto(_EmbeddedService):
             log_path=self.log_path,
             tuning=self._tuning,
             as_root=os.geteuid() == 0,
+            security_lines=self._security_lines(),
         )
         executable = self._mosquitto_bin()
+        state: dict[str, int] = {"port": port}
+        if self.tls_port is not None:
+            state["tls_port"] = self.tls_port
         try:
             _write_text(self._conf_path, conf)
-            _write_text(self._state_path, json.dumps({"port": port}) + "\n", mode=0o644)
+            _write_text(self._state_path, json.dumps(state) + "\n", mode=0o644)
             _rotate_log(self.log_path)
             with self.log_path.open("ab") as log_file:
                 # Own session: a Ctrl-C meant for `cityops up` must not reach the

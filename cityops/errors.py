@@ -5,6 +5,8 @@ The tree::
     CityopsError                   root of every error cityops raises on purpose
     ├── ConfigError                a setting (environment variable, URL) is invalid
     ├── MigrationError             the schema cannot be brought up to date
+    ├── BrokerSecurityError        a broker user cannot be provisioned or revoked, or
+                                   the password / ACL / certificate files cannot be written
     └── EmbeddedServiceError       the embedded Mosquitto or PostgreSQL did not start,
                                    stop or answer within its deadline, or its data
                                    directory or port cannot be used
@@ -19,6 +21,7 @@ from collections import deque
 from pathlib import Path
 
 __all__ = [
+    "BrokerSecurityError",
     "CityopsError",
     "ConfigError",
     "EmbeddedServiceError",
@@ -40,6 +43,10 @@ class ConfigError(CityopsError):
 
 class MigrationError(CityopsError):
     """The database schema cannot be brought up to date by this cityops."""
+
+
+class BrokerSecurityError(CityopsError):
+    """A broker user or its files cannot be changed: the message names which and why."""
 
 
 class EmbeddedServiceError(CityopsError):

@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import Any
 
+from cityops.broker_security import ServiceUser
 from cityops.db import migrate
 from cityops.errors import CityopsError
-from cityops.runtime import rules_path, service_urls
-from cityops.settings import MqttEndpoint, Settings
+from cityops.maintenance import MaintenanceOptions, maintenance_options, maintenance_task
+from cityops.runtime import CONSOLE_DIST, rules_path, service_urls
+from cityops.settings import Settings
 from control_api.auth import AuthStore, new_password
 from control_api.context import ApiConfig
 from control_api.errors import ControlApiError
@@ -89,13 +91,14 @@ def api_config(
     """The API's configuration from settings and resolved service URLs."""
     return ApiConfig(
         database_url=database_url,
-        mqtt=MqttEndpoint.parse(mqtt_url),
+        mqtt=settings.mqtt_endpoint(mqtt_url),
         rules_path=rules_path(settings),
         city=city,
         allowed_origins=allowed_origins,
         client_id=client_id or f"cityops-api-{socket.gethostname()}-{settings.http_port}",
         live_from_broker=live_from_broker,
         recordings_dir=Path(settings.data_dir) / "recordings",
+        console_dir=CONSOLE_DIST if (CONSOLE_DIST / "index.html").is_file() else None,
     )
 
 
@@ -106,13 +109,16 @@ def _api(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     try:
-        mqtt_url, database_url = service_urls(settings)
+        mqtt_url, database_url = service_urls(settings, user=ServiceUser.API)
         migrate(database_url)
         config = api_config(
             settings, mqtt_url, database_url, client_id=args.client_id,
             allowed_origins=tuple(args.allow_origin), city=args.city,
         )  # fmt: skip
-        app = create_app(config)
+        options = maintenance_options(settings.lifecycle)
+        # Roll-ups, retention and audit pseudonymisation: every API instance
+        # runs them, an advisory lock makes one of them do each round.
+        app = create_app(config, extra_lifespan=lambda _ctx: _maintenance(database_url, options))
     except (CityopsError, RulesError) as exc:
         print(f"cityops api: {exc}", file=sys.stderr)
         return 1
@@ -132,11 +138,17 @@ def _api(args: argparse.Namespace) -> int:
 
 
 @contextlib.asynccontextmanager
+async def _maintenance(database_url: str, options: MaintenanceOptions) -> AsyncIterator[None]:
+    async with maintenance_task(database_url, options):
+        yield
+
+
+@contextlib.asynccontextmanager
 async def _auth_store() -> AsyncIterator[AuthStore]:
     from control_api.app import open_pool  # noqa: PLC0415
 
     settings = Settings.from_env()
-    mqtt_url, database_url = service_urls(settings)
+    mqtt_url, database_url = service_urls(settings, user=ServiceUser.API)
     migrate(database_url)
     config = api_config(settings, mqtt_url, database_url, client_id="cityops-cli")
     async with open_pool(config) as pool:

@@ -143,6 +143,7 @@ class BrokerFeed:
             password=e.password,
             identifier=self._client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=e.ssl_context(),
             keepalive=self._options.keepalive_s,
             max_queued_incoming_messages=self._options.max_queued,
         ) as client:

@@ -64,6 +64,18 @@ Replay sandbox. With ``run_id`` the same reads use ``replay.series``,
 index there leads with ``run_id``), never a live table; an unknown run is
 :class:`~control_api.errors.RunNotFound`.
 
+Roll-ups (``docs/data-lifecycle.md``). Numeric buckets of live data read
+the roll-ups the maintenance task keeps: ``readings_1m`` for 1-minute and
+15-minute buckets, ``readings_1h`` for hourly and daily ones. A roll-up row
+is used when it lies wholly inside the range and before the roll-ups'
+``settled_before`` (the watermark minus the lateness window); the rest of
+the range, the partial source bucket at its start and the recent tail,
+comes from raw readings aggregated per source bucket, and each answer bucket
+combines both parts (sums and counts add, minima and maxima combine), so
+the answer equals the raw one and stays correct while the roll-ups lag or
+after retention has dropped the raw chunks. Before the first roll-up run,
+state series, raw reads and the replay sandbox read raw readings as before.
+
 Transactions and deadlines. Every read runs in ``conn.transaction()`` (its
 own transaction, or a savepoint inside the caller's) with ``SET LOCAL
 statement_timeout`` from :class:`HistoryLimits`; a timeout or any database
@@ -493,6 +505,57 @@ FROM (
 ) AS per_series
 GROUP BY bucket_start ORDER BY bucket_start
 """
+# Roll-ups (module docstring): whole source buckets in [rollup_from, rollup_to)
+# from the roll-up table, the rest of [start, end) from raw readings
+# aggregated per source bucket; a display bucket combines the parts.
+_ROLLUP_PARTS: Final = """
+    SELECT bucket AS b, series_id, readings AS n, min AS lo, max AS hi, sum AS total
+    FROM {rollup}
+    WHERE {series} AND bucket >= %(rollup_from)s AND bucket < %(rollup_to)s
+    UNION ALL
+    SELECT time_bucket({source}, ts), series_id, count(*), min(value), max(value), sum(value)
+    FROM readings
+    WHERE {series} AND ts >= %(start)s AND ts < %(rollup_from)s AND value IS NOT NULL
+    GROUP BY 1, 2
+    UNION ALL
+    SELECT time_bucket({source}, ts), series_id, count(*), min(value), max(value), sum(value)
+    FROM readings
+    WHERE {series} AND ts >= %(rollup_to)s AND ts < %(end)s AND value IS NOT NULL
+    GROUP BY 1, 2
+"""
+_NUMERIC_ROLLUP: Final = (
+    """
+SELECT time_bucket({width}, b) AS bucket_start, sum(n)::bigint AS readings,
+       min(lo) AS min, max(hi) AS max, sum(total) / sum(n)::float8 AS avg
+FROM ("""
+    + _ROLLUP_PARTS
+    + """) AS parts
+GROUP BY bucket_start ORDER BY bucket_start
+"""
+)
+_GROUP_ROLLUP: Final = (
+    """
+SELECT bucket_start, sum(n)::bigint AS readings, min(lo) AS min, max(hi) AS max,
+       sum(total) / sum(n)::float8 AS avg, count(*) AS devices
+FROM (
+    SELECT time_bucket({width}, b) AS bucket_start, series_id,
+           sum(n) AS n, min(lo) AS lo, max(hi) AS hi, sum(total) AS total
+    FROM ("""
+    + _ROLLUP_PARTS
+    + """) AS parts
+    GROUP BY 1, 2
+) AS per_series
+GROUP BY bucket_start ORDER BY bucket_start
+"""
+)
+_SETTLED: Final = "SELECT settled_before FROM rollup_watermarks WHERE rollup = '1m'"
+# The roll-up a bucket reads: its table and the width of its rows.
+_ROLLUPS: Final[Mapping[Bucket, tuple[str, timedelta]]] = {
+    Bucket.MINUTE: ("readings_1m", timedelta(minutes=1)),
+    Bucket.QUARTER_HOUR: ("readings_1m", timedelta(minutes=1)),
+    Bucket.HOUR: ("readings_1h", timedelta(hours=1)),
+    Bucket.DAY: ("readings_1h", timedelta(hours=1)),
+}
 _RUN_EXISTS: Final = "SELECT EXISTS (SELECT 1 FROM replay.runs WHERE run_id = %(run_id)s)"
 _SESSION: Final = (
     "SELECT set_config('statement_timeout', %(timeout)s, true),"
@@ -528,6 +591,63 @@ def _series_query(
 def _group_query(ns: _Namespace, bucket: Bucket) -> sql.Composed:
     """The query of a group's buckets (given its series ids)."""
     return _query(_GROUP, ns, width=_width(bucket))
+
+
+def _rollup_query(bucket: Bucket, *, group: bool) -> sql.Composed:
+    """The query of a live series' (or group's) numeric buckets over the roll-ups."""
+    table, source = _ROLLUPS[bucket]
+    series = "series_id = ANY(%(series_ids)s::integer[])" if group else "series_id = %(series_id)s"
+    return sql.SQL(_GROUP_ROLLUP if group else _NUMERIC_ROLLUP).format(
+        width=_width(bucket),
+        rollup=sql.Identifier(table),
+        source=sql.SQL("{}::interval").format(sql.Literal(f"{source.total_seconds():g} seconds")),
+        series=sql.SQL(series),
+    )
+
+
+def _floor(moment: datetime, width: timedelta) -> datetime:
+    return moment - (moment - _EPOCH) % width
+
+
+async def _rollup_span(
+    conn: _Conn, ns: _Namespace, bucket: Bucket, start: datetime, end: datetime
+) -> tuple[datetime, datetime] | None:
+    """Where the roll-up serves ``[start, end)``: its whole rows before the settled time."""
+    if ns.run_id is not None or bucket is Bucket.RAW:
+        return None
+    async with conn.cursor(row_factory=tuple_row) as cur:
+        await cur.execute(_SETTLED)
+        row = await cur.fetchone()
+    if row is None or row[0] is None:
+        return None
+    _, width = _ROLLUPS[bucket]
+    first = _floor(start, width)
+    rollup_from = first if first == start else first + width
+    rollup_to = _floor(min(end, row[0]), width)
+    if rollup_to <= rollup_from:
+        return None
+    return rollup_from, rollup_to
+
+
+async def _numeric_query(
+    conn: _Conn,
+    ns: _Namespace,
+    bucket: Bucket,
+    params: dict[str, object],
+    *,
+    start: datetime,
+    end: datetime,
+    group: bool,
+) -> sql.Composed:
+    """The numeric bucket query of ``[start, end)``: over the roll-ups where they serve.
+
+    Adds the roll-up's span to ``params`` when it serves.
+    """
+    span = await _rollup_span(conn, ns, bucket, start, end)
+    if span is None:
+        return _group_query(ns, bucket) if group else _series_query(ns, bucket)
+    params["rollup_from"], params["rollup_to"] = span
+    return _rollup_query(bucket, group=group)
 
 
 # CSV lines are formatted by the server (see the module docstring). Times:
@@ -788,10 +908,13 @@ async def series_history(
         if kind is None:
             kind = await _series_kind(conn, ns, info.series_id, end)
         if points is None:
-            query = _series_query(ns, bucket, kind)
             if kind == "state":
+                query = _series_query(ns, bucket, kind)
                 points = tuple(await _fetch(conn, query, params, StateBucket))
             else:
+                query = await _numeric_query(
+                    conn, ns, bucket, params, start=start, end=end, group=False
+                )
                 points = tuple(await _fetch(conn, query, params, NumericBucket))
     return SeriesHistory(
         series_id=info.series_id,
@@ -865,8 +988,14 @@ async def group_history(
         series_ids = await _resolve_group(conn, ns, selector)
         points: tuple[GroupBucket, ...] = ()
         if series_ids:
-            params = {"series_ids": series_ids, "start": start, "end": end, "run_id": run_id}
-            points = tuple(await _fetch(conn, _group_query(ns, bucket), params, GroupBucket))
+            params: dict[str, object] = {
+                "series_ids": series_ids,
+                "start": start,
+                "end": end,
+                "run_id": run_id,
+            }
+            query = await _numeric_query(conn, ns, bucket, params, start=start, end=end, group=True)
+            points = tuple(await _fetch(conn, query, params, GroupBucket))
     return GroupHistory(
         selector=selector,
         bucket=bucket,
@@ -953,7 +1082,8 @@ async def _stream_csv(  # noqa: PLR0917 (private, called once)
         await _check_run(conn, ns)
         if isinstance(source, GroupSelector):
             params["series_ids"] = await _resolve_group(conn, ns, source)
-            query, header = _csv_query(_group_query(ns, bucket), "group")
+            inner = await _numeric_query(conn, ns, bucket, params, start=start, end=end, group=True)
+            query, header = _csv_query(inner, "group")
         else:
             info = await _resolve_series(conn, ns, source)
             params["series_id"] = info.series_id
@@ -961,7 +1091,13 @@ async def _stream_csv(  # noqa: PLR0917 (private, called once)
                 query, header = _csv_query(_series_query(ns, bucket), "raw")
             else:
                 kind = await _series_kind(conn, ns, info.series_id, end)
-                query, header = _csv_query(_series_query(ns, bucket, kind), kind)
+                if kind == "state":
+                    inner = _series_query(ns, bucket, kind)
+                else:
+                    inner = await _numeric_query(
+                        conn, ns, bucket, params, start=start, end=end, group=False
+                    )
+                query, header = _csv_query(inner, kind)
         yield header
         # A server-side cursor: the server keeps the result, each FETCH brings
         # one chunk; the name only has to be unique on this connection.

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -146,8 +145,9 @@ class ManualAckClient:
         client.connect_timeout = self._options.connect_timeout_s
         if self._endpoint.username is not None:
             client.username_pw_set(self._endpoint.username, self._endpoint.password)
-        if self._endpoint.tls:
-            client.tls_set_context(ssl.create_default_context())
+        tls_context = self._endpoint.ssl_context()  # CITYOPS_MQTT_CA / _CERT / _KEY
+        if tls_context is not None:
+            client.tls_set_context(tls_context)
         return client
 
     def _connect_properties(self) -> Properties:

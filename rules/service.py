@@ -94,6 +94,7 @@ class MqttAlertPublisher:
 
     def __init__(self, endpoint: MqttEndpoint, *, client_id: str, timeout_s: float = 5.0) -> None:
         self._endpoint = endpoint
+        self._tls_context = endpoint.ssl_context()  # bad CA/cert files fail here, at start
         self._client_id = client_id
         self._timeout_s = timeout_s
         self._stack: contextlib.AsyncExitStack | None = None
@@ -115,6 +116,7 @@ class MqttAlertPublisher:
                         password=self._endpoint.password,
                         identifier=self._client_id,
                         protocol=aiomqtt.ProtocolVersion.V5,
+                        tls_context=self._tls_context,
                     )
                     self._client = await stack.enter_async_context(client)
                     self._stack = stack

@@ -191,10 +191,11 @@ def _endpoint(args: argparse.Namespace) -> Endpoint | None:
     """The broker from --mqtt-url or the settings; ``None`` (after a message) if neither."""
     from cityops.errors import ConfigError  # noqa: PLC0415 - the edge only
     from cityops.runtime import broker_url  # noqa: PLC0415
-    from cityops.settings import MqttEndpoint, Settings  # noqa: PLC0415
+    from cityops.settings import Settings  # noqa: PLC0415
 
     try:
-        return MqttEndpoint.parse(args.mqtt_url or broker_url(Settings.from_env()))
+        settings = Settings.from_env()
+        return settings.mqtt_endpoint(args.mqtt_url or broker_url(settings))
     except ConfigError as exc:
         print(
             f"cityops {args.command}: no broker: pass --mqtt-url mqtt://host:port, "

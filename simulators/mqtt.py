@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class Endpoint(Protocol):
     def password(self) -> str | None: ...  # noqa: D102
     @property
     def tls(self) -> bool: ...  # noqa: D102
+    def ssl_context(self) -> ssl.SSLContext | None: ...  # noqa: D102
 
 
 def publish_properties(
@@ -139,8 +141,9 @@ class MqttPublisher:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         if endpoint.username is not None:
             client.username_pw_set(endpoint.username, endpoint.password)
-        if endpoint.tls:
-            client.tls_set()
+        tls_context = endpoint.ssl_context()
+        if tls_context is not None:
+            client.tls_set_context(tls_context)
         if will is not None:
             client.will_set(will[0], will[1], qos=1, retain=True)
         client.max_inflight_messages_set(min(1000, max_unacked))

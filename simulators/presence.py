@@ -208,7 +208,7 @@ class DeviceConnections:
         self._abort = False
         self._clean = False
         self._thread = threading.Thread(target=self._run, name="device-connections", daemon=True)
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if endpoint.tls else None
+        self._ssl: ssl.SSLContext | None = endpoint.ssl_context()
         self._status_props = publish_properties("application/json")
         will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
         will_props.ContentType = "application/json"

@@ -62,8 +62,9 @@ class Recorder:
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
         if endpoint.username is not None:
             client.username_pw_set(endpoint.username, endpoint.password)
-        if endpoint.tls:
-            client.tls_set()
+        tls_context = endpoint.ssl_context()
+        if tls_context is not None:
+            client.tls_set_context(tls_context)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message

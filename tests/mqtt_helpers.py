@@ -41,6 +41,8 @@ class Publisher:
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(1, 2)
         self.client.on_publish = self._on_publish
+        if ep.username is not None:
+            self.client.username_pw_set(ep.username, ep.password)
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = 600
         self.client.connect(ep.host, ep.port, keepalive=10, clean_start=False, properties=props)

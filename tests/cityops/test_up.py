@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -53,6 +55,13 @@ def _start_up(data_dir: Path) -> tuple[subprocess.Popen[str], dict[str, str]]:
     return proc, banner
 
 
+def _as_simulator(broker: str, data_dir: Path) -> str:
+    """The broker URL with the credentials `cityops up` generated for its simulator."""
+    registry = json.loads((data_dir / "mosquitto" / "security" / "registry.json").read_text())
+    password = registry["services"]["cityops-simulator"]["password"]
+    return broker.replace("mqtt://", f"mqtt://cityops-simulator:{quote(password, safe='')}@")
+
+
 def _stop(proc: subprocess.Popen[str]) -> int:
     proc.send_signal(signal.SIGINT)
     try:
@@ -81,7 +90,9 @@ def test_up_runs_ingest_on_embedded_services_and_keeps_data_across_restarts() ->
         assert login.json()["role"] == "admin"
         password = (data_dir / "postgres" / "password").read_text().strip()
         url = database.replace("***", password)
-        publish_all(broker, [("city/facility/kita/up-1", orjson.dumps({"level": 3.5}))])
+        # the embedded broker refuses anonymous clients: publish as the simulator gateway
+        publisher_url = _as_simulator(broker, data_dir)
+        publish_all(publisher_url, [("city/facility/kita/up-1", orjson.dumps({"level": 3.5}))])
         deadline = time.monotonic() + 30
         while True:
             with psycopg.connect(url) as conn:
