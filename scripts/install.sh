@@ -25,6 +25,9 @@ APT_PACKAGES=(
   build-essential cmake dpkg-dev libssl-dev
   python3-venv
   chromium fonts-ipafont-gothic
+  # deploy/ checks (tests/cityops/test_deploy.py): compose v1 validates
+  # deploy/docker-compose.yml without a daemon; systemd-analyze verifies the units.
+  docker-compose systemd
 )
 
 install_apt_packages() {
