@@ -4,7 +4,7 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: up test install lint typecheck unit bench
+.PHONY: up test install lint typecheck unit bench soak-ci
 
 install:
 	scripts/install.sh
@@ -30,3 +30,8 @@ bench: install
 	$(BIN)/python -m bench.live
 	$(BIN)/python -m bench.api
 	$(BIN)/python -m bench.console
+	$(BIN)/python -m bench.soak --minutes 10
+
+# The soak benchmark's short version (bench/soak.py): fails on a lost or duplicated reading.
+soak-ci: install
+	$(BIN)/python -m bench.soak --minutes 5

@@ -22,7 +22,7 @@ repetitions are flags). It starts its own embedded Mosquitto and PostgreSQL
    (``{"ts": <send time>, "occupancy": x}`` on
    ``city/traffic/{district}/{device}``, ``--devices`` devices, QoS 1, in
    5 ms bursts). The publishers write MQTT packets by hand
-   (:class:`_RawPublisher`: 10 µs of CPU a message against 86 µs for paho
+   (:class:`bench.mqttload.RawPublisher`: 10 µs of CPU a message against 86 µs for paho
    here; ``--publisher paho``). After one message per device (devices and
    series get created), two phases of ``--warmup`` + ``--duration`` seconds:
 
@@ -60,698 +60,41 @@ with each phase, with the CPU taken by other work.
 from __future__ import annotations
 
 import argparse
-import array
 import asyncio
-import contextlib
 import dataclasses
-import multiprocessing as mp
 import os
-import random
-import select
-import socket
-import struct
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import cast
 
 import httpx
-import orjson
-import paho.mqtt.client as paho
 import psycopg
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bench import history as history_bench
+from bench.mqttload import Load, PublishStats, publisher_main
+from bench.procs import cmdline, process_table
 from bench.services import bench_services
+from bench.stack import (
+    Children,
+    LagFigures,
+    ServerSample,
+    ServerSpec,
+    call,
+    recv,
+    server_main,
+    sleep_until,
+)
 from bench.wsclients import ConsoleGroup, ConsoleSpec, ConsoleStats, iter_kinds, percentile
-from cityops.runtime import rules_path
-from cityops.settings import MqttEndpoint, Settings
-from control_api import LiveHub, api_config, create_app, embedded_server, ensure_first_admin
 from control_api.history import Bucket, group_history, series_history
-from ingest import CommittedBatch, IngestConfig, IngestService, MqttOptions
-from rules import FanOutPublisher
-from tests.mqtt_helpers import drop_session
 
 
 def _log(text: str) -> None:
     print(f"[bench.api] {text}", file=sys.stderr, flush=True)
-
-
-async def _sleep_until(wall: float) -> None:
-    await asyncio.sleep(max(0.0, wall - time.time()))
-
-
-# ------------------------------------------------------------------ the load
-
-
-@dataclass(frozen=True, slots=True)
-class Load:
-    """The published load: single JSON readings of ``devices`` devices at ``rate`` msg/s."""
-
-    rate: int
-    devices: int
-    districts: int
-    publishers: int
-    qos: int
-
-    def district(self, i: int) -> str:
-        return f"district-{i % self.districts}"
-
-    def device(self, i: int) -> str:
-        return f"bench-{i:05d}"
-
-    def topic(self, i: int) -> str:
-        return f"city/traffic/{self.district(i)}/{self.device(i)}"
-
-
-def _varint(n: int) -> bytes:
-    """MQTT's variable byte integer (remaining length)."""
-    out = bytearray()
-    while True:
-        n, digit = divmod(n, 128)
-        out.append(digit | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _packet_end(buf: bytearray, pos: int) -> int | None:
-    """Where the MQTT packet starting at ``pos`` ends; None while it is incomplete."""
-    length, shift, i = 0, 0, pos + 1
-    while i < len(buf):
-        byte = buf[i]
-        i += 1
-        length |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return i + length if i + length <= len(buf) else None
-        shift += 7
-    return None
-
-
-class _LoadClient(Protocol):
-    """What a publisher process drives: the raw MQTT writer or paho."""
-
-    def __enter__(self) -> _LoadClient: ...
-    def __exit__(self, *exc: object) -> None: ...
-
-    def wait_for_room(self) -> None: ...
-    def publish(self, topic: str, payload: bytes, qos: int) -> None: ...
-    def flush(self) -> None: ...
-    def idle_until(self, deadline: float) -> None: ...
-    def wait_acked(self) -> None: ...
-
-
-class _RawPublisher:
-    """MQTT 3.1.1 PUBLISH packets written to a socket by hand: a load generator that stays light.
-
-    paho costs 80-150 µs of Python per QoS 1 message here (the message object, a
-    send per packet, parsing every PUBACK, callbacks): 10,000 msg/s would take a
-    whole core of a 2-core machine away from the system under test, and the
-    figures would measure the generator. Here a packet is a few byte
-    concatenations, a burst goes out in one ``send``, and PUBACKs are only
-    counted. At most ``inflight`` messages are unacknowledged (packet ids wrap
-    at 65,535); every wait has the deadline ``timeout_s``.
-    """
-
-    def __init__(
-        self, url: str, client_id: str, *, inflight: int = 2_000, timeout_s: float = 30.0
-    ) -> None:
-        ep = MqttEndpoint.parse(url)
-        self._address = (ep.host, ep.port)
-        self._client_id = client_id
-        self._inflight = inflight
-        self._timeout_s = timeout_s
-        self._keepalive_s = 60
-        self._sock: socket.socket | None = None
-        self._out = bytearray()
-        self._in = bytearray()
-        self._sent = self._acked = self._packet_id = 0
-        self._last_send = time.monotonic()
-        self._headers: dict[str, bytes] = {}
-
-    def __enter__(self) -> _RawPublisher:
-        sock = socket.create_connection(self._address, timeout=self._timeout_s)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        cid = self._client_id.encode()
-        # Protocol "MQTT" level 4 (3.1.1), clean session: nothing stays on the broker.
-        body = b"\x00\x04MQTT\x04\x02" + struct.pack(">HH", self._keepalive_s, len(cid)) + cid
-        sock.sendall(b"\x10" + _varint(len(body)) + body)
-        connack = b""
-        while len(connack) < 4:
-            chunk = sock.recv(4 - len(connack))
-            if not chunk:
-                break
-            connack += chunk
-        if connack[:2] != b"\x20\x02" or connack[3:4] != b"\x00":
-            sock.close()
-            msg = (
-                f"broker {self._address[0]}:{self._address[1]} refused us: CONNACK {connack.hex()}"
-            )
-            raise ConnectionError(msg)
-        sock.setblocking(False)
-        self._sock = sock
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._sock is not None:
-            with contextlib.suppress(OSError):
-                self._out += b"\xe0\x00"  # DISCONNECT
-                self.flush()
-            self._sock.close()
-            self._sock = None
-
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
-            msg = "the publisher is not connected"
-            raise ConnectionError(msg)
-        return self._sock
-
-    def wait_for_room(self) -> None:
-        """Until fewer than ``inflight`` QoS 1 messages are unacknowledged."""
-        if self._sent - self._acked >= self._inflight:
-            self.flush()
-            self._read_until(lambda: self._sent - self._acked < self._inflight, "no PUBACK")
-
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        """Queue one PUBLISH; written at the next flush (or at 64 KiB)."""
-        header = self._headers.get(topic)
-        if header is None:
-            encoded = topic.encode()
-            header = self._headers[topic] = struct.pack(">H", len(encoded)) + encoded
-        if qos:
-            self.wait_for_room()
-            self._packet_id = self._packet_id % 65_535 + 1
-            self._out += (
-                b"\x32"
-                + _varint(len(header) + 2 + len(payload))
-                + header
-                + self._packet_id.to_bytes(2, "big")
-                + payload
-            )
-            self._sent += 1
-        else:
-            self._out += b"\x30" + _varint(len(header) + len(payload)) + header + payload
-        if len(self._out) >= 65_536:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write everything queued (waiting while the socket is full)."""
-        sock = self._socket()
-        deadline = time.monotonic() + self._timeout_s
-        while self._out:
-            try:
-                del self._out[: sock.send(self._out)]
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    msg = f"the broker took not all of a write in {self._timeout_s:.0f} s"
-                    raise TimeoutError(msg) from None
-                select.select([], [sock], [], 0.05)
-        self._last_send = time.monotonic()
-
-    def _read(self) -> None:
-        """Take what the broker sent; count PUBACKs (PINGRESP and others are skipped)."""
-        sock = self._socket()
-        while True:
-            try:
-                data = sock.recv(65_536)
-            except BlockingIOError:
-                break
-            if not data:
-                msg = f"broker {self._address[0]}:{self._address[1]} closed the connection"
-                raise ConnectionError(msg)
-            self._in += data
-        buf, pos = self._in, 0
-        while (end := _packet_end(buf, pos)) is not None:
-            if buf[pos] >> 4 == 4:  # PUBACK
-                self._acked += 1
-            pos = end
-        del buf[:pos]
-
-    def _read_until(self, done: Callable[[], bool], what: str) -> None:
-        sock = self._socket()
-        deadline = time.monotonic() + self._timeout_s
-        while not done():
-            if time.monotonic() > deadline:
-                msg = f"{what} within {self._timeout_s:.0f} s"
-                raise TimeoutError(msg)
-            select.select([sock], [], [], 0.01)
-            self._read()
-
-    def idle_until(self, deadline: float) -> None:
-        """Flush, then read acks and keep the connection alive until ``deadline`` (perf_counter)."""
-        self.flush()
-        sock = self._socket()
-        while (left := deadline - time.perf_counter()) > 0:
-            if select.select([sock], [], [], min(left, 0.05))[0]:
-                self._read()
-            if time.monotonic() - self._last_send > self._keepalive_s / 2:
-                self._out += b"\xc0\x00"  # PINGREQ
-                self.flush()
-
-    def wait_acked(self) -> None:
-        """Until the broker acknowledged everything published."""
-        self.flush()
-        self._read_until(lambda: self._acked >= self._sent, "not every publish was acknowledged")
-
-
-class _PahoPublisher:
-    """paho driven from the publishing thread: publish, read acks, in turn (``--publisher paho``).
-
-    The helper of the tests (``tests/mqtt_helpers.Publisher``) runs paho's network
-    thread: every message and every ack then crosses threads under the GIL, and it
-    published 2,700 QoS 1 msg/s here against 6,000-12,000 for this loop. At most
-    ``inflight`` messages are unacknowledged and paho is allowed as many, so a message
-    never waits in paho's queue: its ``ts`` is taken as it goes to the socket.
-    """
-
-    def __init__(
-        self, url: str, client_id: str, *, inflight: int = 2_000, timeout_s: float = 30.0
-    ) -> None:
-        ep = MqttEndpoint.parse(url)
-        self._host, self._port = ep.host, ep.port
-        self._inflight = inflight
-        self._timeout_s = timeout_s
-        self._sent = 0
-        self._acked = 0
-        self._connected = False
-        self._client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-        )
-        self._client.max_inflight_messages_set(inflight)
-        self._client.max_queued_messages_set(0)
-        self._client.on_publish = self._on_publish
-        self._client.on_connect = self._on_connect
-
-    def _on_publish(self, *_: object) -> None:
-        self._acked += 1
-
-    def _on_connect(self, *_: object) -> None:
-        self._connected = True
-
-    def _loop(self, timeout_s: float) -> None:
-        rc = self._client.loop(timeout_s)
-        if rc != paho.MQTT_ERR_SUCCESS:
-            msg = f"publisher connection to {self._host}:{self._port}: {paho.error_string(rc)}"
-            raise ConnectionError(msg)
-
-    def _loop_until(self, done: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + self._timeout_s
-        while not done():
-            if time.monotonic() > deadline:
-                msg = f"{what} within {self._timeout_s:.0f} s"
-                raise TimeoutError(msg)
-            self._loop(0.01)
-
-    def __enter__(self) -> _PahoPublisher:
-        # A clean session that ends with the connection: nothing left on the broker.
-        self._client.connect(self._host, self._port, keepalive=30, clean_start=True)
-        self._loop_until(lambda: self._connected, "no CONNACK")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._client.disconnect()
-        self._client.loop(0.1)  # sends the DISCONNECT
-
-    def wait_for_room(self) -> None:
-        """Until fewer than ``inflight`` QoS 1 messages are unacknowledged."""
-        if self._sent - self._acked >= self._inflight:
-            self._loop_until(lambda: self._sent - self._acked < self._inflight, "no PUBACK came")
-
-    def publish(self, topic: str, payload: bytes, qos: int) -> None:
-        """Publish one message, first reading acks while ``inflight`` are unacknowledged."""
-        if qos:
-            self.wait_for_room()
-            self._sent += 1
-        self._client.publish(topic, payload, qos=qos)
-
-    def flush(self) -> None:
-        """Read the acks that came (paho writes as it publishes)."""
-        self._loop(0)
-
-    def idle_until(self, deadline: float) -> None:
-        """Serve the connection (acks, keepalive) until ``deadline`` (perf_counter)."""
-        while (left := deadline - time.perf_counter()) > 0:
-            self._loop(min(left, 0.05))
-
-    def wait_acked(self) -> None:
-        """Until the broker acknowledged everything published."""
-        self._loop_until(lambda: self._acked >= self._sent, "not every publish was acknowledged")
-
-
-@dataclass(frozen=True, slots=True)
-class PublishStats:
-    published: int
-    in_window: int
-    """Published with a ``ts`` inside the measured window."""
-    ended_at: float
-    """Wall time of the last publish."""
-    behind_s: float
-    """How far behind schedule the publisher was at worst (0: it kept the rate)."""
-
-
-def _paced(
-    pub: _LoadClient,
-    topics: list[str],
-    rng: random.Random,
-    *,
-    rate: float,
-    run_s: float,
-    window: tuple[float, float],
-    qos: int,
-) -> PublishStats:
-    """Publish ``rate`` msg/s for ``run_s`` seconds in 5 ms bursts, catching up when late."""
-    lo, hi = window
-    total = int(rate * run_s)
-    burst = max(1, round(rate * 0.005))
-    sent = in_window = 0
-    behind_s = 0.0
-    t0 = time.perf_counter()
-    while sent < total:
-        elapsed = time.perf_counter() - t0
-        due = min(total, int(elapsed * rate))
-        if due - sent < burst and due < total:
-            pub.idle_until(t0 + (sent + burst) / rate)
-            continue
-        behind_s = max(behind_s, elapsed - (sent + burst) / rate)
-        for n in range(sent, due):
-            if qos:
-                pub.wait_for_room()  # before the timestamp: a message carries its send time
-            ts = time.time()
-            in_window += lo <= ts < hi
-            payload = orjson.dumps({"ts": ts, "occupancy": rng.random()})
-            pub.publish(topics[n % len(topics)], payload, qos)
-        pub.flush()
-        sent = due
-    ended_at = time.time()
-    pub.wait_acked()
-    return PublishStats(sent, in_window, ended_at, max(0.0, behind_s))
-
-
-def _publisher_main(  # noqa: PLR0917 (a process target)
-    conn: Connection, mqtt_url: str, load: Load, index: int, keepalive_s: float, kind: str
-) -> None:
-    """A publisher process, driven by commands on ``conn``.
-
-    ``prime``: one message per device, then the keep-alive trickle; ``quiet``:
-    the trickle stops (the reply says how many it published); ``trickle``: it
-    starts again; ``go``: a paced run (trickle off). The trickle sends every
-    device a reading every ``keepalive_s`` between phases, so that no device
-    goes stale: a city never falls silent, and thousands of devices turning
-    stale and back at once between phases would measure something else.
-    """
-    topics = [load.topic(i) for i in range(index, load.devices, load.publishers)]
-    rng = random.Random(index)
-    trickle_rate = len(topics) / keepalive_s
-    trickle_from: float | None = None
-    trickle_sent = unreported = 0
-    client_id = f"bench-api-pub-{index}-{uuid.uuid4().hex[:6]}"
-    client: _LoadClient = (
-        _RawPublisher(mqtt_url, client_id) if kind == "raw" else _PahoPublisher(mqtt_url, client_id)
-    )
-    with client as pub:
-        conn.send(("ready",))
-        while True:
-            while not conn.poll(0):  # serve the connection (pings, acks) between commands
-                if trickle_from is not None:
-                    due = int((time.perf_counter() - trickle_from) * trickle_rate)
-                    for n in range(trickle_sent, due):
-                        payload = orjson.dumps({"ts": time.time(), "occupancy": rng.random()})
-                        pub.publish(topics[n % len(topics)], payload, load.qos)
-                    unreported += max(0, due - trickle_sent)
-                    trickle_sent = max(due, trickle_sent)
-                pub.idle_until(time.perf_counter() + 0.02)
-            command = conn.recv()
-            if command[0] == "stop":
-                break
-            if command[0] == "prime":
-                now = time.time()
-                for topic in topics:
-                    pub.publish(topic, orjson.dumps({"ts": now, "occupancy": 0.0}), load.qos)
-                pub.wait_acked()
-                conn.send(("primed", len(topics)))
-                trickle_from, trickle_sent = time.perf_counter(), 0
-            elif command[0] == "trickle":
-                trickle_from, trickle_sent = time.perf_counter(), 0
-            elif command[0] == "quiet":
-                trickle_from = None
-                pub.wait_acked()
-                conn.send(("quiet", unreported))
-                unreported = 0
-            else:
-                _, start_at, run_s, window = command
-                trickle_from = None
-                pub.idle_until(time.perf_counter() + start_at - time.time())
-                stats = _paced(
-                    pub, topics, rng, rate=load.rate / load.publishers, run_s=run_s,
-                    window=window, qos=load.qos,
-                )  # fmt: skip
-                conn.send(("done", stats))
-
-
-class _Children:
-    """Child processes (spawn) on pipes; ``with`` joins or terminates them."""
-
-    def __init__(self) -> None:
-        self._procs: list[BaseProcess] = []
-        self.pipes: list[Connection] = []
-
-    def spawn(self, target: Callable[..., None], *args: object) -> tuple[Connection, int]:
-        """Start ``target(pipe, *args)`` in a process; (our end of the pipe, its pid)."""
-        parent, child = mp.get_context("spawn").Pipe()
-        proc = mp.get_context("spawn").Process(target=target, args=(child, *args), daemon=True)
-        proc.start()
-        child.close()  # the child's end lives in the child: its exit is our EOFError
-        self._procs.append(proc)
-        self.pipes.append(parent)
-        return parent, proc.pid or 0
-
-    def __enter__(self) -> _Children:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for pipe in self.pipes:
-            with contextlib.suppress(OSError):
-                pipe.send(("stop",))
-        for proc in self._procs:
-            proc.join(30)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-
-
-async def _recv(pipe: Connection) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
-
-
-async def _call(pipe: Connection, *command: object) -> Any:
-    pipe.send(command)
-    return await _recv(pipe)
-
-
-# ------------------------------------------------------------------ the server process
-
-
-def _proc_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSample:
-    wall: float
-    received: float
-    committed: int
-    rss_kib: int
-    peak_kib: int
-    """``VmHWM`` since the last reset."""
-
-
-@dataclass(frozen=True, slots=True)
-class LagFigures:
-    count: int
-    p50_s: float
-    p90_s: float
-    p99_s: float
-    max_s: float
-    commits: dict[tuple[str, float], float]
-    """Commit times of the traced devices' readings."""
-
-
-class _LagSink:
-    """A batch sink after the hub: publish → commit lag, commit times to trace, a count."""
-
-    def __init__(self, traced: frozenset[str]) -> None:
-        self.window = (float("inf"), float("-inf"))
-        self.lags: array.array[float] = array.array("d")
-        self.traced = traced
-        self.commits: dict[tuple[str, float], float] = {}
-        """(device, ts) → commit time of the traced devices' readings in the window."""
-        self.committed = 0
-        self._target: int | None = None
-        self._reached = asyncio.Event()
-
-    def on_batch(self, batch: CommittedBatch) -> None:
-        self.committed += len(batch.readings)
-        lo, hi = self.window
-        at = batch.committed_at
-        lags, traced, commits = self.lags, self.traced, self.commits
-        for r in batch.readings:
-            if lo <= r.ts < hi:
-                lags.append(at - r.ts)
-                if r.device.device_id in traced:
-                    commits[r.device.device_id, r.ts] = at
-        if self._target is not None and self.committed >= self._target:
-            self._reached.set()
-
-    async def wait_committed(self, target: int) -> None:
-        self._target = target
-        self._reached.clear()
-        if self.committed < target:
-            await self._reached.wait()
-
-    def take_lags(self) -> LagFigures:
-        lags, commits = self.lags, self.commits
-        self.lags, self.commits = array.array("d"), {}
-        return LagFigures(
-            len(lags), percentile(lags, 0.5), percentile(lags, 0.9), percentile(lags, 0.99),
-            max(lags, default=float("nan")), commits,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSpec:
-    mqtt_url: str
-    database_url: str
-    scratch: Path
-    client_id: str
-    traced: frozenset[str]
-    """Devices whose commit times are kept, to time the fan-out alone."""
-    timeline: bool = False
-    """Log ingest figures and event-loop stalls every second (stderr)."""
-
-
-def _server_main(conn: Connection, spec: ServerSpec) -> None:
-    asyncio.run(_serve(conn, spec))
-
-
-async def _serve(conn: Connection, spec: ServerSpec) -> None:
-    """``cityops up``'s composition (``cityops/commands.py`` ``_serve``), driven over a pipe."""
-    settings = Settings.from_env()
-    config = IngestConfig(
-        mqtt=MqttEndpoint.parse(spec.mqtt_url),
-        database_url=spec.database_url,
-        client_id=spec.client_id,
-        mqtt_options=MqttOptions(client_id=spec.client_id, session_expiry_s=600),
-        rules_path=rules_path(settings),
-    )
-    hub = LiveHub()
-    lag = _LagSink(spec.traced)
-    api = dataclasses.replace(
-        api_config(settings, spec.mqtt_url, spec.database_url, client_id=f"{spec.client_id}-api"),
-        live_from_broker=False,
-        recordings_dir=spec.scratch / "recordings",
-    )
-    app = create_app(api, hub=hub)
-    async with (
-        IngestService(config, sinks=(hub, lag)) as ingest,
-        embedded_server(app, host="127.0.0.1", port=0) as port,
-    ):
-        if ingest.alerts is not None:
-            ingest.alerts.publisher = FanOutPublisher(ingest.alerts.publisher, hub)
-        await ingest.wait_connected(30.0)
-        auth = app.state.ctx.auth
-        await ensure_first_admin(auth)
-        issued = await auth.issue_token("admin", created_by="bench.api")
-        conn.send(("ready", port, issued.token))
-        async with asyncio.TaskGroup() as tg:
-            timeline = tg.create_task(_timeline(ingest, lag)) if spec.timeline else None
-            await _server_commands(conn, ingest, lag)
-            if timeline is not None:
-                timeline.cancel()
-    drop_session(spec.mqtt_url, spec.client_id)
-
-
-async def _timeline(ingest: IngestService, lag: _LagSink) -> None:
-    """Every second: received and committed rates, the ingest queue, CPU, the worst loop stall."""
-    registry = ingest.metrics.registry
-    t0 = last = time.perf_counter()
-    received = registry.get_sample_value("cityops_ingest_messages_received_total") or 0.0
-    committed, cpu = lag.committed, time.process_time()
-    stall = 0.0
-    while True:
-        before = time.perf_counter()
-        await asyncio.sleep(0.02)
-        now = time.perf_counter()
-        stall = max(stall, now - before - 0.02)
-        if now - last < 1.0:
-            continue
-        got = registry.get_sample_value("cityops_ingest_messages_received_total") or 0.0
-        print(
-            f"[bench.api server] +{now - t0:5.0f} s"
-            f"  received {(got - received) / (now - last):7,.0f}/s"
-            f"  committed {(lag.committed - committed) / (now - last):7,.0f}/s"
-            f"  queue {registry.get_sample_value('cityops_ingest_queue_depth') or 0:6,.0f}"
-            f"  paused {registry.get_sample_value('cityops_ingest_paused') or 0:.0f}"
-            f"  CPU {(time.process_time() - cpu) / (now - last) * 100:3.0f}%"
-            f"  worst loop stall {stall * 1e3:5,.0f} ms",
-            file=sys.stderr,
-            flush=True,
-        )
-        last, received, committed, cpu, stall = now, got, lag.committed, time.process_time(), 0.0
-
-
-async def _server_commands(conn: Connection, ingest: IngestService, lag: _LagSink) -> None:
-    registry = ingest.metrics.registry
-    overall_peak_kib = 0
-
-    def sample(*, reset_peak: bool = False) -> ServerSample:
-        nonlocal overall_peak_kib
-        peak = _proc_kib("VmHWM")
-        overall_peak_kib = max(overall_peak_kib, peak)
-        if reset_peak:
-            with contextlib.suppress(OSError):  # "5" resets VmHWM (Linux 4.0+)
-                Path("/proc/self/clear_refs").write_text("5")
-        return ServerSample(
-            wall=time.time(),
-            received=registry.get_sample_value("cityops_ingest_messages_received_total") or 0.0,
-            committed=lag.committed,
-            rss_kib=_proc_kib("VmRSS"),
-            peak_kib=peak,
-        )
-
-    while True:
-        command = await _recv(conn)
-        name = command[0]
-        if name == "sample":
-            conn.send(sample(reset_peak=command[1]))
-        elif name == "measure":
-            _, lo, hi = command
-            lag.window = (lo, hi)
-            await _sleep_until(lo)
-            first = sample()
-            await _sleep_until(hi)
-            conn.send((first, sample()))
-        elif name == "drain":
-            _, target, timeout_s = command
-            reached: float | None = None
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await lag.wait_committed(target)
-                    reached = time.time()
-            conn.send((reached, lag.committed))
-        elif name == "lags":
-            conn.send(lag.take_lags())
-        elif name == "peak":
-            sample()
-            conn.send(max(overall_peak_kib, _proc_kib("VmHWM")))
-        else:
-            return
 
 
 # ------------------------------------------------------------------ history through HTTP
@@ -846,34 +189,6 @@ _CPU_ROWS = (
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
-def _process_table() -> dict[int, tuple[str, int, int]]:
-    """Every process: pid → (command name, parent pid, CPU ticks used so far)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue  # ended meanwhile
-        close = stat.rindex(")")
-        fields = stat[close + 2 :].split()
-        # After "pid (comm)": state, ppid, …, utime and stime are the 12th and 13th.
-        table[int(entry)] = (
-            stat[stat.index("(") + 1 : close],
-            int(fields[1]),
-            int(fields[11]) + int(fields[12]),
-        )
-    return table
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
 @dataclass(frozen=True, slots=True)
 class CpuGroups:
     """Which processes are whose: the bench's own, its broker and database, the rest."""
@@ -885,7 +200,7 @@ class CpuGroups:
         groups = {pid: name for name, pids in self.own.items() for pid in pids}
         scratch = str(self.scratch)
         for pid, (comm, _, _) in table.items():
-            if comm in ("mosquitto", "postgres") and scratch in _cmdline(pid):
+            if comm in ("mosquitto", "postgres") and scratch in cmdline(pid):
                 groups[pid] = comm
         postmasters = {pid for pid, name in groups.items() if name == "postgres"}
         for pid, (_, ppid, _) in table.items():
@@ -907,10 +222,10 @@ def _machine_ticks() -> dict[str, int]:
 
 async def _cpu_window(groups: CpuGroups, window: tuple[float, float]) -> dict[str, float]:
     """CPU used in ``window`` (wall clock) per process group and kind, in cores (1.0: one core)."""
-    await _sleep_until(window[0])
-    first, first_machine = _process_table(), _machine_ticks()
-    await _sleep_until(window[1])
-    last, last_machine = _process_table(), _machine_ticks()
+    await sleep_until(window[0])
+    first, first_machine = process_table(), _machine_ticks()
+    await sleep_until(window[1])
+    last, last_machine = process_table(), _machine_ticks()
     names = groups.classify(last)
     ticks: dict[str, int] = {}
     others: dict[str, int] = {}
@@ -967,13 +282,13 @@ class _Publishers:
 
     async def prime(self) -> int:
         """One message per device (devices and series get created); the trickle starts."""
-        primed = sum([int((await _call(pipe, "prime"))[1]) for pipe in self.pipes])
+        primed = sum([int((await call(pipe, "prime"))[1]) for pipe in self.pipes])
         self.published += primed
         return primed
 
     async def quiet(self) -> None:
         """Stop the keep-alive trickle and count what it published."""
-        self.published += sum([int((await _call(pipe, "quiet"))[1]) for pipe in self.pipes])
+        self.published += sum([int((await call(pipe, "quiet"))[1]) for pipe in self.pipes])
 
     def trickle(self) -> None:
         for pipe in self.pipes:
@@ -984,7 +299,7 @@ class _Publishers:
     ) -> list[PublishStats]:
         for pipe in self.pipes:
             pipe.send(("go", start_at, run_s, window))
-        done = await asyncio.gather(*(_recv(pipe) for pipe in self.pipes))
+        done = await asyncio.gather(*(recv(pipe) for pipe in self.pipes))
         stats = [s for _, s in done]
         self.published += sum(s.published for s in stats)
         return stats
@@ -992,7 +307,7 @@ class _Publishers:
 
 async def _drain(server: Connection, publishers: _Publishers, timeout_s: float) -> float | None:
     """Wait until all that was published is committed; when (wall), or None at the timeout."""
-    reached, _ = await _call(server, "drain", publishers.published, timeout_s)
+    reached, _ = await call(server, "drain", publishers.published, timeout_s)
     return cast("float | None", reached)
 
 
@@ -1011,19 +326,19 @@ async def _ingest_phase(  # noqa: PLR0917
         _log(f"{name}: the keep-alive trickle was not all committed in {args.drain_timeout} s")
     load_average = os.getloadavg()[0]
     _log(f"{name}: {args.warmup:.0f} s warm-up + {args.duration:.0f} s (load {load_average:.2f})")
-    before: ServerSample = await _call(server, "sample", reset_peak)
+    before: ServerSample = await call(server, "sample", reset_peak)
     start_at = time.time() + 0.5
     window = (start_at + args.warmup, start_at + args.warmup + args.duration)
     if consoles is not None:
         consoles.count(*window)
     (first, last), published, cpu = await asyncio.gather(
-        _call(server, "measure", *window),
+        call(server, "measure", *window),
         publishers.run(start_at, args.warmup + args.duration + 1.0, window),
         _cpu_window(groups, window),
     )
     reached = await _drain(server, publishers, args.drain_timeout)
-    lags = await _call(server, "lags")
-    end = await _call(server, "sample", False)
+    lags = await call(server, "lags")
+    end = await call(server, "sample", False)
     publishers.trickle()
     stats = None
     if consoles is not None:
@@ -1171,10 +486,10 @@ async def _run(args: argparse.Namespace, mqtt_url: str, database_url: str, scrat
         mqtt_url, database_url, scratch, f"bench-api-{uuid.uuid4().hex[:6]}", traced,
         args.timeline,
     )  # fmt: skip
-    with _Children() as children:
-        server, server_pid = children.spawn(_server_main, spec)
+    with Children() as children:
+        server, server_pid = children.spawn(server_main, spec)
         spawned = [
-            children.spawn(_publisher_main, mqtt_url, load, k, args.keepalive, args.publisher)
+            children.spawn(publisher_main, mqtt_url, load, k, args.keepalive, args.publisher)
             for k in range(args.publishers)
         ]
         publishers = _Publishers([pipe for pipe, _ in spawned])
@@ -1186,9 +501,9 @@ async def _run(args: argparse.Namespace, mqtt_url: str, database_url: str, scrat
             },
             scratch,
         )
-        _, port, token = await _recv(server)
+        _, port, token = await recv(server)
         for pipe in publishers.pipes:
-            await _recv(pipe)
+            await recv(pipe)
         base = f"http://127.0.0.1:{port}"
         _log(f"stack up on {base}")
         timings = await _http_history(base, token, database_url, args.http_reps)
@@ -1215,7 +530,7 @@ async def _run(args: argparse.Namespace, mqtt_url: str, database_url: str, scrat
             phases.append(
                 await _ingest_phase(f"no clients{suffix}", server, publishers, groups, args)
             )
-            await _call(server, "sample", True)  # the peak includes the consoles' snapshots
+            await call(server, "sample", True)  # the peak includes the consoles' snapshots
             with ConsoleGroup(console_spec, procs=args.client_procs) as consoles:
                 connected = await consoles.wait_connected()
                 _log(f"{connected[0]} consoles connected in {connected[1]:.1f} s")
@@ -1225,7 +540,7 @@ async def _run(args: argparse.Namespace, mqtt_url: str, database_url: str, scrat
                     consoles, reset_peak=False,
                 )  # fmt: skip
                 phases.append(dataclasses.replace(result, connected=connected))
-        peak = await _call(server, "peak")
+        peak = await call(server, "peak")
     _print_phases(load, args, phases)
     print(f"server process peak RSS over the whole run (VmHWM): {peak / 1024:,.0f} MiB")
 

@@ -16,6 +16,10 @@ frames received inside it, latencies of items whose ``ts`` falls inside it
 (a reading published in the window and delivered after it still counts).
 For the devices in ``traced`` the probes also keep (device, ts, receive
 time), for the caller to match with commit times: the fan-out's own latency.
+Every console notes the alert events it receives (alert id, version), in the
+window or not. A long run takes what was counted so far with
+:meth:`ConsoleGroup.take` (which resets it, so memory stays bounded) before
+the final :meth:`ConsoleGroup.stop`.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ Kind = Literal["everything", "district", "50 devices"]
 KINDS: tuple[Kind, ...] = ("everything", "district", "50 devices")
 
 _READINGS_HEAD = '{"type":"readings","seq":'
+_ALERT_HEAD = '{"type":"alert",'
 _DEVICES_IN_VIEW = 50
 
 
@@ -105,6 +110,8 @@ class ConsoleStats:
     """Consoles whose connection ended before the stop (dropped by the server, or errors)."""
     cpu_s: float = 0.0
     counted_s: float = 0.0
+    alert_events: list[tuple[int, str, int]] = field(default_factory=list)
+    """(console index, alert id, event version) of every alert frame received."""
 
     def merge(self, other: ConsoleStats) -> None:
         """Add ``other``'s counts (from another process) to these."""
@@ -123,6 +130,28 @@ class ConsoleStats:
         self.closed_early += other.closed_early
         self.cpu_s += other.cpu_s
         self.counted_s = max(self.counted_s, other.counted_s)
+        self.alert_events.extend(other.alert_events)
+
+    def take(self) -> ConsoleStats:
+        """A copy of these counts; the per-window ones (all but connections) start again at 0.
+
+        Resets in place: the consoles' receive loops hold the latency arrays.
+        """
+        taken = ConsoleStats(
+            latencies={k: array.array("d", v) for k, v in self.latencies.items()},
+            connected=self.connected, probes=self.probes, connect_s=self.connect_s,
+            snapshot_bytes=self.snapshot_bytes, frames=self.frames,
+            frame_types=dict(self.frame_types), bytes=self.bytes, probe_items=self.probe_items,
+            traced=list(self.traced), closed_early=self.closed_early,
+            alert_events=list(self.alert_events),
+        )  # fmt: skip
+        for values in self.latencies.values():
+            del values[:]
+        self.frames = self.bytes = self.probe_items = 0
+        self.frame_types.clear()
+        self.traced.clear()
+        self.alert_events.clear()
+        return taken
 
     def all_latencies(self) -> list[float]:
         """Every latency sample, whatever the subscription."""
@@ -174,13 +203,18 @@ async def _console(
         stats.probes += probe
         connected.set()
         with contextlib.suppress(ConnectionClosed):
-            await _receive(ws, spec, stats, window, kind_of(index) if probe else None)
+            await _receive(ws, spec, stats, window, kind_of(index) if probe else None, index)
         # Not reached when cancelled at the stop: the connection ended on its own.
         stats.closed_early += 1
 
 
-async def _receive(
-    ws: ClientConnection, spec: ConsoleSpec, stats: ConsoleStats, window: _Window, probe: str | None
+async def _receive(  # noqa: PLR0917
+    ws: ClientConnection,
+    spec: ConsoleSpec,
+    stats: ConsoleStats,
+    window: _Window,
+    probe: str | None,
+    index: int,
 ) -> None:
     head = len(_READINGS_HEAD)
     types = stats.frame_types
@@ -205,6 +239,9 @@ async def _receive(
                         latencies.append(now - ts)
                         if device in traced:
                             stats.traced.append((device, ts, now))
+            elif message.startswith(_ALERT_HEAD):
+                frame = orjson.loads(message)
+                stats.alert_events.append((index, frame["alert"]["id"], frame["event"]["version"]))
             if readings and spec.window:
                 # As the console does once it has applied the frame.
                 seq = message[head : message.index(",", head)]
@@ -236,6 +273,9 @@ async def _consoles(conn: Connection, spec: ConsoleSpec, indices: tuple[int, ...
             _, window.start, window.end = command
             cpu0, wall0 = time.process_time(), time.perf_counter()
             command = await loop.run_in_executor(None, conn.recv)
+            while command[0] == "take":
+                conn.send(("stats", stats.take()))
+                command = await loop.run_in_executor(None, conn.recv)
             stats.cpu_s = time.process_time() - cpu0
             stats.counted_s = time.perf_counter() - wall0
         for task in tasks:
@@ -299,6 +339,16 @@ class ConsoleGroup:
         """Count frames received in ``[start, end)`` (wall clock) and items with ``ts`` in it."""
         for pipe in self._pipes:
             pipe.send(("count", start, end))
+
+    async def take(self) -> ConsoleStats:
+        """What the consoles counted since :meth:`count` or the last take; they count on."""
+        for pipe in self._pipes:
+            pipe.send(("take",))
+        total = ConsoleStats()
+        for pipe in self._pipes:
+            _, stats = await self._recv(pipe)
+            total.merge(stats)
+        return total
 
     async def stop(self) -> ConsoleStats:
         """Close the consoles and return what they saw."""
