@@ -82,6 +82,7 @@ def _stored_backtest(
             options=BacktestOptions(tick_s=tick_s),
             kind_of=stored.kind_of,
             progress=progress,
+            warm_up=stored.warm_up_readings(),
         )
     signals: tuple[AlertSignal, ...] = run.signals[0]
     districts: dict[str, str] = {}

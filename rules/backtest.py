@@ -292,6 +292,7 @@ class StoredRange:
         end: float,
         chunk_rows: int = 10_000,
         connect_timeout_s: float = 10.0,
+        warm_up_s: float = 3_600.0,
     ) -> None:
         if not end > start:
             msg = f"the range ends ({_iso(end)}) before it starts ({_iso(start)})"
@@ -301,6 +302,7 @@ class StoredRange:
         self.end = end
         self.chunk_rows = chunk_rows
         self.connect_timeout_s = connect_timeout_s
+        self.warm_up_s = warm_up_s
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._kinds: dict[str, str] = {}
         self._counts = InputCounts()
@@ -341,13 +343,47 @@ class StoredRange:
     def _bounds(self) -> tuple[datetime, datetime]:
         return datetime.fromtimestamp(self.start, UTC), datetime.fromtimestamp(self.end, UTC)
 
-    def _readings(self, conn: psycopg.Connection[tuple[Any, ...]]) -> Iterator[Observation]:
-        counts = self._counts
+    def warm_up_readings(self) -> list[Reading]:
+        """The readings of ``warm_up_s`` before the range, as the live service warms up.
+
+        They prime windows, ``for:`` timers and baselines silently: a ``for: 10m``
+        that had run 9 minutes at ``start`` fires a minute into the range, as it
+        would have live. Alerts already standing at ``start`` are not reported.
+
+        Raises:
+            BacktestError: the query failed.
+        """
+        conn = self._conn
+        if conn is None or self.warm_up_s <= 0:
+            return []
+        bounds = (
+            datetime.fromtimestamp(self.start - self.warm_up_s, UTC),
+            datetime.fromtimestamp(self.start, UTC),
+        )
+        try:
+            observed = self._readings(conn, bounds, InputCounts(), cursor="backtest_warm_up")
+            readings = [
+                r for _, group in observed if not isinstance(group, Presence) for r in group
+            ]
+            conn.commit()  # end the cursor's transaction before the range's
+        except psycopg.Error as exc:
+            msg = f"reading {_safe_url(self.database_url)} failed: {str(exc).strip()}"
+            raise BacktestError(msg) from exc
+        return readings
+
+    def _readings(
+        self,
+        conn: psycopg.Connection[tuple[Any, ...]],
+        bounds: tuple[datetime, datetime],
+        counts: InputCounts,
+        *,
+        cursor: str = "backtest_readings",
+    ) -> Iterator[Observation]:
         kinds = self._kinds
         refs: dict[str, DeviceRef] = {}
-        with conn.cursor(name="backtest_readings") as cur:
+        with conn.cursor(name=cursor) as cur:
             cur.itersize = self.chunk_rows
-            cur.execute(_READINGS_SQL, self._bounds())
+            cur.execute(_READINGS_SQL, bounds)
             group: list[Reading] = []
             group_ts = 0.0
             for ts, domain, district, device_id, kind, channel, value, state, unit, period in cur:
@@ -401,7 +437,11 @@ class StoredRange:
         try:
             # Two server-side cursors in one transaction, merged: neither stream is
             # ever held in memory. heapq.merge keeps readings first on equal times.
-            yield from heapq.merge(self._readings(conn), self._presences(conn), key=itemgetter(0))
+            yield from heapq.merge(
+                self._readings(conn, self._bounds(), counts),
+                self._presences(conn),
+                key=itemgetter(0),
+            )
         except psycopg.Error as exc:
             msg = f"reading {_safe_url(self.database_url)} failed: {str(exc).strip()}"
             raise BacktestError(msg) from exc
@@ -459,6 +499,7 @@ def run_backtest(
     options: BacktestOptions | None = None,
     kind_of: KindResolver | None = None,
     progress: ProgressCallback | None = None,
+    warm_up: Sequence[Reading] = (),
 ) -> BacktestRun:
     """Evaluate each rule set over the observations, with a clock that follows them.
 
@@ -471,6 +512,8 @@ def run_backtest(
         options: Tick interval and evaluator tuning.
         kind_of: Device kind resolver (default: by device id prefix).
         progress: Called every ``options.progress_every`` inputs.
+        warm_up: Readings from before ``start`` that prime the evaluators
+            silently (``StoredRange.warm_up_readings``).
 
     Returns:
         The signals of each rule set, in the order the evaluator produced them.
@@ -483,6 +526,9 @@ def run_backtest(
         start = first[0] if first is not None else (end if end is not None else 0.0)
     clock = ReplayClock(start)
     evaluators = [Evaluator(rs, clock, options=opts.evaluator, kind_of=kind_of) for rs in rule_sets]
+    if warm_up:
+        for evaluator in evaluators:
+            evaluator.warm_up(warm_up)
     outs: list[list[AlertSignal]] = [[] for _ in evaluators]
     pairs = list(zip(evaluators, outs, strict=True))
     tick_s = opts.tick_s

@@ -299,6 +299,7 @@ def _backtest(args: argparse.Namespace) -> int:
                 options=options,
                 kind_of=stored.kind_of,
                 progress=progress.update,
+                warm_up=stored.warm_up_readings(),
             )
     if counts.malformed:
         log.warning(

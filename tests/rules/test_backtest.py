@@ -630,3 +630,46 @@ def test_text_rendering_truncates_long_tables() -> None:
     assert "Only with A (a) (4)" in text
     assert "Only with B (b): none" in text
     assert "In both, raised at different times (1)" in text
+
+
+def test_database_range_warms_up_on_the_hour_before(database_url: str, tmp_path: Path) -> None:
+    """A `for: 10m` that had run 9 minutes at --from fires a minute into the range."""
+    rules_yaml = (
+        "rules:\n  - id: hot\n    name: Hot\n    subject: {channel: temperature}\n"
+        "    when: value > 40\n    for: 10m\n    severity: major\n    message: hot\n"
+    )
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO devices (id, domain, district, kind) VALUES ('clim-x', 'facility',"
+            " 'kita', 'climate')"
+        )
+        row = conn.execute(
+            "INSERT INTO series (device_id, channel, unit) VALUES ('clim-x', 'temperature',"
+            " 'Cel') RETURNING id"
+        ).fetchone()
+        assert row is not None
+        conn.cursor().executemany(
+            "INSERT INTO readings (ts, series_id, value, received_at)"
+            " VALUES (to_timestamp(%s), %s, 45.0, to_timestamp(%s))",
+            [(START + t, row[0], START + t) for t in range(-540, 300, 30)],
+        )
+    (tmp_path / "hot.yaml").write_text(rules_yaml)
+    rules = RuleSet.load(tmp_path / "hot.yaml")
+    raised = {}
+    for warm_up_s in (0.0, 3_600.0):
+        counts = InputCounts()
+        with StoredRange(database_url, start=START, end=START + 300, warm_up_s=warm_up_s) as db:
+            run = run_backtest(
+                [rules],
+                db.observations(counts),
+                counts=counts,
+                start=START,
+                end=START + 300,
+                kind_of=db.kind_of,
+                warm_up=db.warm_up_readings(),
+            )
+        assert counts.readings == 10  # the range's own readings only
+        raised[warm_up_s] = [s.ts for s in run.signals[0] if s.kind == "raise"]
+    assert raised[0.0] == []  # without warm-up the 10 minutes start over at --from
+    assert raised[3_600.0]
+    assert START + 55 <= raised[3_600.0][0] <= START + 65
