@@ -30,6 +30,9 @@ bench: install
 	$(BIN)/python -m bench.live
 	$(BIN)/python -m bench.api
 	$(BIN)/python -m bench.console
+	$(BIN)/python -m bench.rules
+	$(BIN)/python -m bench.rules_latency
+	$(BIN)/python -m bench.scaleout
 	$(BIN)/python -m bench.soak --minutes 10
 
 # The soak benchmark's short version (bench/soak.py): fails on a lost or duplicated reading.

@@ -159,10 +159,16 @@ class Member:
         now = _received(self.port)
         if now is None:
             return self.before_restarts + self.last
-        if now < self.last:  # restarted: its counter began again
-            self.before_restarts += self.last
         self.last = now
         return self.before_restarts + now
+
+    def restart(self) -> None:
+        """Start the member again: its counter begins at zero."""
+        self.total()
+        self.before_restarts += self.last
+        self.last = 0.0
+        self.service.start()
+        self.service.wait_ready()
 
 
 def _run_cli(env: dict[str, str], *args: str) -> str:
@@ -311,7 +317,6 @@ def main() -> None:
                 elapsed = now - t0
                 if state == "before" and elapsed >= kill_at:
                     mark("outage")
-                    a.total()
                     a.service.kill()
                     state = "outage"
                     _log(f"{elapsed:.0f} s: member A killed (SIGKILL)")
@@ -320,8 +325,7 @@ def main() -> None:
                     _, sent_out, _, b_out = marks["outage"]
                     _, sent_back, _, b_back = marks["recovery"]
                     queued_for_a = (sent_back - sent_out) - (b_back - b_out)
-                    a.service.start()
-                    a.service.wait_ready()
+                    a.restart()
                     returned_wall = time.time()
                     state = "recovery"
                     _log(f"{elapsed:.0f} s: member A back; about {queued_for_a:,.0f} waited for it")

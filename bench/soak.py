@@ -406,13 +406,14 @@ def _minute_line(
 
 @contextlib.asynccontextmanager
 async def _simulator(
-    mqtt_url: str, database_url: str, log: Path
+    mqtt_url: str, database_url: str, log: Path, scenarios: list[str]
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """``cityops simulate``: the default city, real time; killed if still running on exit."""
     env = {**os.environ, "CITYOPS_MQTT_URL": mqtt_url, "CITYOPS_DATABASE_URL": database_url}
+    extra = [arg for name in scenarios for arg in ("--scenario", name)]
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "cityops.cli", "simulate", "--mqtt-url", mqtt_url,
+            sys.executable, "-m", "cityops.cli", "simulate", "--mqtt-url", mqtt_url, *extra,
             env=env, stdout=asyncio.subprocess.PIPE, stderr=err,
         )  # fmt: skip
     try:
@@ -526,7 +527,7 @@ async def _run(args: argparse.Namespace, mqtt_url: str, database_url: str, scrat
         simulator = None
         if not args.no_simulator:
             simulator = await stack.enter_async_context(
-                _simulator(mqtt_url, database_url, scratch / "simulate.log")
+                _simulator(mqtt_url, database_url, scratch / "simulate.log", args.scenario)
             )
         primed = int((await call(publisher, "prime"))[1])
         password = await _add_operator(database_url)
@@ -771,6 +772,12 @@ def main() -> None:
     parser.add_argument("--quiet-s", type=float, default=5.0, help="drained: no commit this long")
     parser.add_argument("--drain-timeout", type=float, default=300.0)
     parser.add_argument("--no-simulator", action="store_true", help="the paced publisher alone")
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        default=[],
+        help="a scenario for the simulator (repeatable), so that alerts flow: e.g. fire",
+    )
     args = parser.parse_args()
     if not (DIST / "index.html").exists():
         parser.error("console/dist is not built: run `npm ci && npm run build` in console/")

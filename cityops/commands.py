@@ -112,8 +112,6 @@ def _embedded_services(settings: Settings) -> Iterator[tuple[BrokerUrls, str]]:
         yield mqtt, database_url
 
 
-
-
 def _console_url(host: str, port: int) -> str:
     # Browsers keep Secure cookies on http://localhost (a secure context) only.
     shown = "localhost" if host in ("127.0.0.1", "::1", "localhost") else host
