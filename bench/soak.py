@@ -406,11 +406,13 @@ def _minute_line(
 
 @contextlib.asynccontextmanager
 async def _simulator(
-    mqtt_url: str, database_url: str, log: Path, scenarios: list[str]
+    mqtt_url: str, database_url: str, log: Path, scenarios: list[str], minutes: float
 ) -> AsyncIterator[asyncio.subprocess.Process]:
     """``cityops simulate``: the default city, real time; killed if still running on exit."""
     env = {**os.environ, "CITYOPS_MQTT_URL": mqtt_url, "CITYOPS_DATABASE_URL": database_url}
     extra = [arg for name in scenarios for arg in ("--scenario", name)]
+    if scenarios:  # a scenario would end the simulator after its own duration
+        extra += ["--duration", f"{math.ceil(minutes) + 10}m"]
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "cityops.cli", "simulate", "--mqtt-url", mqtt_url, *extra,
@@ -527,7 +529,9 @@ async def _run(args: argparse.Namespace, mqtt_url: str, database_url: str, scrat
         simulator = None
         if not args.no_simulator:
             simulator = await stack.enter_async_context(
-                _simulator(mqtt_url, database_url, scratch / "simulate.log", args.scenario)
+                _simulator(
+                    mqtt_url, database_url, scratch / "simulate.log", args.scenario, args.minutes
+                )
             )
         primed = int((await call(publisher, "prime"))[1])
         password = await _add_operator(database_url)
