@@ -1,9 +1,9 @@
 """The maintenance task: roll-ups, retention and audit pseudonymisation on a schedule.
 
-TimescaleDB's Apache-2 edition has no job scheduler, so every long-running
-cityops process (``up``, ``ingest``, ``api``) runs :func:`run_maintenance`
-beside its service. Several processes may run it at once (scaled out): each
-piece of work takes its own PostgreSQL advisory lock with
+TimescaleDB's Apache-2 edition has no job scheduler, so ``cityops up`` and
+every ``cityops api`` run :func:`run_maintenance` beside their service.
+Several processes may run it at once (scaled out): each piece of work takes
+its own PostgreSQL advisory lock with
 ``pg_try_advisory_xact_lock`` and a process that finds it taken skips that
 round, so the work is done once (``docs/data-lifecycle.md``).
 
@@ -49,8 +49,6 @@ AUDIT_LOCK: Final = 0xC17_0B8
 REDACTED: Final = "redacted"
 """What replaces the user name of an audit entry past its keep period."""
 
-# The same statement as control_api.audit.AuditLog.pseudonymise_before (which
-# needs the API's pool); both write REDACTED.
 _PSEUDONYMISE: Final = """
 UPDATE audit_log SET actor = %(redacted)s, remote_addr = NULL
 WHERE at < %(cutoff)s AND (actor <> %(redacted)s OR remote_addr IS NOT NULL)

@@ -2,13 +2,12 @@
 
 Every state-changing request writes one row, including refused ones
 (``denied``) and failed logins (``failed``). Rows are never dropped by
-retention; :meth:`AuditLog.pseudonymise_before` blanks the personal parts
-(user name, address) of rows older than a configured period.
+retention; the maintenance task (``cityops.maintenance``) blanks the
+personal parts (user name, address) of rows older than a configured period.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
 from psycopg.types.json import Jsonb
@@ -63,13 +62,3 @@ class AuditLog:
                 {"actor": actor, "action": action, "before": before_id, "limit": limit},
             )
             return await cur.fetchall()
-
-    async def pseudonymise_before(self, cutoff: datetime) -> int:
-        """Blank user names and addresses of entries older than ``cutoff``; returns rows changed."""
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(
-                "UPDATE audit_log SET actor = 'redacted', remote_addr = NULL"
-                " WHERE at < %s AND actor <> 'redacted'",
-                (cutoff,),
-            )
-            return cur.rowcount

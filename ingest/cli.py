@@ -65,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "else the shipped rules for the simulated city)",
     )
     p.add_argument("--no-rules", action="store_true", help="store readings only, raise no alerts")
+    add_sender_arguments(p)
     p.add_argument("--max-payload-bytes", type=int, default=DEFAULT_LIMITS.max_payload_bytes)
     p.add_argument(
         "--max-past-s",
@@ -79,6 +80,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="dead-letter readings newer than this after their receive time",
     )
     p.set_defaults(handler=_run)
+
+
+def add_sender_arguments(p: argparse.ArgumentParser) -> None:
+    """``--sender-property`` / ``--trusted-sender``: the check of a broker-stamped sender."""
+    p.add_argument(
+        "--sender-property",
+        metavar="NAME",
+        help="MQTT 5 user property in which the broker names the publishing user; a "
+        "message whose topic names another device is dead-lettered (not with Mosquitto, "
+        "which tells nothing; docs/security.md)",
+    )
+    p.add_argument(
+        "--trusted-sender",
+        metavar="USER",
+        action="append",
+        default=[],
+        help="a gateway user that may publish for any device (repeatable)",
+    )
 
 
 def default_client_id(group: str | None) -> str:
@@ -110,6 +129,8 @@ def _run_checked(args: argparse.Namespace) -> int:
             batch_max_messages=args.batch_messages,
             batch_max_delay_s=args.batch_delay_ms / 1e3,
             max_buffered_messages=args.max_buffered,
+            sender_property=args.sender_property,
+            trusted_senders=frozenset(args.trusted_sender),
         ),
         limits=DecodeLimits(
             max_payload_bytes=args.max_payload_bytes,

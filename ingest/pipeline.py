@@ -111,6 +111,33 @@ class PipelineOptions:
     """Pause reading at this many uncommitted messages (keep below the MQTT window)."""
     retry_initial_s: float = 0.2
     retry_max_s: float = 5.0
+    sender_property: str | None = None
+    """An MQTT 5 user property in which the broker names the publishing user
+    (e.g. stamped by EMQX's rule engine): a reading or status whose topic names
+    another device is dead-lettered. Mosquitto tells nothing: leave it unset."""
+    trusted_senders: frozenset[str] = frozenset()
+    """Users that may publish for any device (gateways such as ``cityops-simulator``)."""
+
+
+def check_sender(
+    user_properties: tuple[tuple[str, str], ...],
+    decoded: Presence | list[Reading],
+    options: PipelineOptions,
+) -> None:
+    """Refuse a message whose broker-stamped sender is not the device of its topic.
+
+    A message without the property passes: the broker did not tell.
+
+    Raises:
+        DecodeError: the sender is another user and not a trusted gateway.
+    """
+    sender = next((v for k, v in user_properties if k == options.sender_property), None)
+    if sender is None or sender in options.trusted_senders:
+        return
+    device = decoded.device if isinstance(decoded, Presence) else decoded[0].device
+    if sender != device.device_id:
+        msg = f"sender mismatch: published by {sender!r}, topic names {device.device_id!r}"
+        raise DecodeError(msg)
 
 
 REPLAY_PREFIX = "cityops/replay/"
@@ -211,6 +238,8 @@ class IngestPipeline:
                 content_type=msg.content_type,
                 limits=self._limits,
             )
+            if self._options.sender_property is not None and msg.user_properties and decoded:
+                check_sender(msg.user_properties, decoded, self._options)
         except DecodeError as exc:
             batch.dead_letters.append(DeadLetter(msg.topic, msg.payload, str(exc), msg.received_at))
         else:

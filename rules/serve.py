@@ -31,7 +31,7 @@ import psycopg
 from cityops.errors import CityopsError
 from cityops.runtime import rules_path, service_urls
 from cityops.settings import MqttEndpoint, Settings
-from ingest import IngestConfig, IngestService, MqttOptions, stop_on_signals
+from ingest import IngestConfig, IngestService, MqttOptions, PipelineOptions, stop_on_signals
 from rules.errors import RulesError
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="MQTT client id, stable across restarts so the broker keeps the session "
         "(default: cityops-rules-HOSTNAME)",
     )
+    p.add_argument(
+        "--sender-property",
+        metavar="NAME",
+        help="as `cityops ingest --sender-property`: evaluate no reading the ingesters refuse",
+    )
+    p.add_argument("--trusted-sender", metavar="USER", action="append", default=[])
     p.add_argument("--metrics-port", type=int, default=9465, help="Prometheus /metrics port")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
@@ -75,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
             mqtt_options=MqttOptions(client_id=client_id),
             rules_path=rules,
             store_readings=False,
+            pipeline=PipelineOptions(
+                sender_property=args.sender_property,
+                trusted_senders=frozenset(args.trusted_sender),
+            ),
         )
         return asyncio.run(run_rules_service(config))
     except (CityopsError, RulesError) as exc:
